@@ -1,0 +1,626 @@
+"""Frechet Inception Distance (FID), proximal FID and a weight-free pixel Frechet distance.
+
+FID compares the Gaussians fitted to 2048-d Inception-v3 pool3 features of two image sets:
+    FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
+The network is the TF 2015-12-05 Inception used by every published FID, loaded from its PyTorch port
+pt_inception-2015-12-05-6726825d.pth; images go in as uint8 and are resized to 299x299 the same way as in
+the PyTorch port's reference scorer, so reference statistics made elsewhere (EDM's cifar10-32x32.npz,
+pytorch-fid's .npz) can be compared against.
+
+Without the weights file, `--features pixel` uses flattened pixels scaled to [-1, 1] (the data space the
+models train in) as features. The result is labelled "pixel FD", it is not comparable with FID, and stats
+files record which kind they hold, so the two are never mixed.
+
+    python fid.py ref  --data cifar10 --out refs/cifar10.npz                 # clean training set
+    python fid.py ref  --data cifar10 --sigma 0.2 --out refs/cifar10-n0.2.npz  # the teacher's noisy set
+    python fid.py calc --images samples/ --ref refs/cifar10.npz              # PNG folder or .npz 'samples'
+    python fid.py calc --net gen.pt --num 50000 --ref refs/cifar10.npz --repeats 3
+    python fid.py calc --net gen.pt --proximal --ref refs/cifar10-n0.2.npz   # model selection, no clean data
+    torchrun --standalone --nproc_per_node=8 fid.py calc --net gen.pt --ref refs/cifar10.npz
+"""
+import argparse
+import hashlib
+import os
+import sys
+import urllib.request
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
+WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+LABEL = {'inception': 'FID', 'pixel': 'pixel FD'}
+
+
+def die(msg):
+    raise SystemExit(f'error: {msg}')
+
+
+# ----------------------------------------------------------------------------------------------
+# The FID Inception-v3. Attribute names follow the weights file so its state dict loads as is.
+# It differs from the ImageNet Inception-v3 in three places, all inherited from the TF graph:
+# the average pools inside the blocks ignore padded zeros, and the last block max-pools.
+
+class ConvBN(nn.Module):
+    """Conv without bias, batch norm (TF's eps 1e-3), ReLU."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool(x):
+    # TF's average pool divides by the number of real pixels under the window, not by 9 at the border.
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | pool-1x1."""
+
+    def __init__(self, cin, pool_ch):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 64, 1)
+        self.branch5x5_1 = ConvBN(cin, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(cin, pool_ch, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_avg_pool(x)),
+        ], 1)
+
+
+class InceptionB(nn.Module):
+    """35x35 -> 17x17 reduction."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2),
+        ], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions (1x7 then 7x1)."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = ConvBN(cin, 192, 1)
+        self.branch7x7_1 = ConvBN(cin, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBN(cin, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d = conv(d)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+            d,
+            self.branch_pool(_avg_pool(x)),
+        ], 1)
+
+
+class InceptionD(nn.Module):
+    """17x17 -> 8x8 reduction."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(cin, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block whose 3x3 branches split into parallel 1x3 and 3x1 halves. `pool` is 'avg' for Mixed_7b
+    and 'max' for Mixed_7c (the TF graph's choice; the ImageNet Inception averages in both)."""
+
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = ConvBN(cin, 320, 1)
+        self.branch3x3_1 = ConvBN(cin, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(cin, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        p = _avg_pool(x) if self.pool == 'avg' else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(b), self.branch3x3_2b(b),
+            self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
+            self.branch_pool(p),
+        ], 1)
+
+
+class InceptionV3(nn.Module):
+    """FID Inception-v3: images NCHW, uint8 or float in [0, 255], any size -> (N, 2048) pool3 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, 'avg')
+        self.Mixed_7c = InceptionE(2048, 'max')
+        self.fc = nn.Linear(2048, 1008)  # the 1008-way classifier; unused, kept so the file loads strictly
+
+    def forward(self, x):
+        # Same order of operations as the reference scorer: /255, bilinear resize in [0, 1], then to [-1, 1].
+        x = x.to(torch.float32) / 255
+        if x.shape[-2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, 3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def _sha256_prefix(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()[:8]
+
+
+def find_weights(path=None, download=True, timeout=60):
+    """Path of the weights file: `path` if given, else $DSD_DATA/ or torch hub's checkpoints/; if in none,
+    one download attempt into the hub cache; else a one-line error saying where to put the file."""
+    if path:
+        if not os.path.isfile(path):
+            die(f'--inception {path}: no such file; pass the path of {WEIGHTS_NAME}')
+        return path
+    hub_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    dirs = [d for d in (os.environ.get('DSD_DATA'), hub_dir) if d]
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, WEIGHTS_NAME)):
+            return os.path.join(d, WEIGHTS_NAME)
+    dest = os.path.join(hub_dir, WEIGHTS_NAME)
+    why = 'not downloaded'
+    if download:
+        tmp = f'{dest}.{os.getpid()}.part'
+        try:
+            os.makedirs(hub_dir, exist_ok=True)
+            print(f'downloading {WEIGHTS_URL} -> {dest}', file=sys.stderr)
+            with urllib.request.urlopen(WEIGHTS_URL, timeout=timeout) as r, open(tmp, 'wb') as f:
+                for chunk in iter(lambda: r.read(1 << 20), b''):
+                    f.write(chunk)
+            # The file name carries the first 8 hex digits of its sha256: a cheap check against a broken transfer.
+            if _sha256_prefix(tmp) != WEIGHTS_NAME.split('-')[-1].split('.')[0]:
+                raise OSError('sha256 mismatch')
+            os.replace(tmp, dest)
+            return dest
+        except Exception as e:
+            why = f'download failed: {type(e).__name__}: {e}'
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    die(f'Inception weights {WEIGHTS_NAME} not found in {" or ".join(dirs)} ({why}); fetch {WEIGHTS_URL} by hand '
+        f'and pass --inception PATH, or put it in $DSD_DATA or {hub_dir} (or use --features pixel)')
+
+
+def load_inception(path=None, device='cpu'):
+    """The FID Inception with the TF 2015-12-05 weights (see find_weights), in eval mode, frozen."""
+    path = find_weights(path)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        die(f'--inception {path}: not a readable torch state dict ({type(e).__name__}: {e})')
+    net = InceptionV3()
+    # Files written by old torch versions lack BN's num_batches_tracked (unused in eval): allow only that gap.
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+    if missing or unexpected:
+        die(f'--inception {path}: not the FID Inception state dict (missing {missing[:3]}, '
+            f'unexpected {unexpected[:3]}); expected {WEIGHTS_NAME}')
+    return net.eval().requires_grad_(False).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Features and statistics.
+
+def to_uint8(x):
+    """Float images in [-1, 1], NCHW (numpy or torch) -> uint8 NHWC: clip, then round((x + 1) * 127.5).
+    Data, noisy data and samples all go through this one path."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    x = np.rint((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
+    return x.transpose(0, 2, 3, 1)
+
+
+def features(images, batch=64, device='cpu', net=None, kind='inception', verbose=False):
+    """Features of uint8 NHWC images (one array, or an iterator of arrays): (N, 2048) float32 Inception pool3
+    features, or for kind='pixel' the flattened pixels scaled to [-1, 1] (N, H*W*C) float64.
+    `net` defaults to load_inception() (weights file needed)."""
+    if kind not in LABEL:
+        raise ValueError(f'unknown feature kind {kind!r}; use one of {list(LABEL)}')
+    if kind == 'inception' and net is None:
+        net = load_inception(device=device)
+    chunks = [images] if isinstance(images, np.ndarray) else images
+    out, done = [], 0
+    for chunk in chunks:
+        if not (isinstance(chunk, np.ndarray) and chunk.dtype == np.uint8 and chunk.ndim == 4
+                and chunk.shape[3] in (1, 3)):
+            raise ValueError(f'features() wants uint8 NHWC images with 1 or 3 channels, got '
+                             f'{getattr(chunk, "dtype", type(chunk))} {getattr(chunk, "shape", "")}')
+        for i in range(0, len(chunk), batch):
+            x = chunk[i:i + batch]
+            if kind == 'pixel':
+                out.append(x.reshape(len(x), -1) / 127.5 - 1)
+            else:
+                x = torch.from_numpy(x).to(device).permute(0, 3, 1, 2)
+                if x.shape[1] == 1:
+                    x = x.expand(-1, 3, -1, -1)  # grey -> RGB, as PIL's convert('RGB') would
+                with torch.inference_mode():
+                    out.append(net(x).cpu().numpy())
+            done += len(x)
+        if verbose:
+            print(f'  features of {done} images', file=sys.stderr, flush=True)
+    dim = 2048 if kind == 'inception' else 0
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+def stats_of(feats):
+    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    feats = np.asarray(feats)
+    if feats.ndim != 2:
+        raise ValueError(f'features must be (N, D), got shape {feats.shape}')
+    n, d = feats.shape
+    if n < 2:
+        raise ValueError(f'need at least 2 samples for a covariance, got {n}')
+    if n < d:
+        warnings.warn(f'only {n} samples for {d}-d features: the covariance is singular and the Frechet distance '
+                      f'is biased upwards (use >= {d}; 50000 for reportable FID)', stacklevel=2)
+    return feats.mean(0, dtype=np.float64), np.cov(feats, rowvar=False).astype(np.float64)
+
+
+def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2)) between two Gaussians."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise ValueError(f'feature sizes differ: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}')
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        # A (near) singular product, e.g. fewer samples than dimensions: regularise both covariances.
+        print(f'warning: sqrtm of a singular covariance product; adding {eps:g} * I to both', file=sys.stderr)
+        offset = eps * np.eye(len(s1))
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        # The product of two PSD matrices has a real non-negative spectrum; round-off adds small imaginary parts.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f'sqrtm has a large imaginary part ({np.abs(covmean.imag).max():g}): '
+                             f'the covariances are not valid (not PSD or not finite)')
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def save_stats(path, mu, sigma, features='inception', num=None):
+    """Write .npz with mu (D,), sigma (D, D) float64 (the layout of EDM's and pytorch-fid's reference files)
+    plus `features` (which kind) and `num` (sample count). Written to a temp file, then renamed."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    extra = {} if num is None else {'num': np.int64(num)}
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:  # a file object, so numpy does not append '.npz' to the name
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                 features=np.str_(features), **extra)
+    os.replace(tmp, path)
+
+
+def load_stats(path, features='inception'):
+    """(mu, sigma) from a stats .npz (ours, EDM's or pytorch-fid's; files without a `features` key hold
+    Inception stats). With `features` set, refuses a file of another kind."""
+    if not os.path.isfile(path):
+        die(f'--ref {path}: no such file; make one with `python fid.py ref --data ... --out {path}`')
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if 'mu' not in f or 'sigma' not in f:
+                die(f'--ref {path}: no mu/sigma arrays (has {list(f.keys())}); not a stats file')
+            mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+            kind = str(f['features']) if 'features' in f else 'inception'
+    except SystemExit:
+        raise
+    except Exception as e:
+        die(f'--ref {path}: not a readable .npz ({type(e).__name__}: {e})')
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        die(f'--ref {path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    if features is not None and kind != features:
+        die(f'--ref {path}: holds {kind} stats but {features} features were asked for; '
+            f'a {LABEL.get(kind, kind)} and a {LABEL[features]} cannot be compared')
+    return mu, sigma
+
+
+def stats_kind(path):
+    """Which features a stats file holds ('inception' for files without the key)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return str(f['features']) if 'features' in f else 'inception'
+    except Exception:
+        return None  # load_stats reports what is wrong with the file
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sources.
+
+def image_files(path):
+    """Image files under a folder, recursively, in a fixed (sorted) order."""
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                   if name.lower().endswith(IMAGE_EXTS))
+    if not files:
+        die(f'--images {path}: no {"/".join(IMAGE_EXTS)} files in this folder or below')
+    return files
+
+
+def read_images(files, chunk=256):
+    """Yield uint8 NHWC RGB arrays of `chunk` images; all must have one size."""
+    from PIL import Image
+    first = None
+    for i in range(0, len(files), chunk):
+        batch = []
+        for name in files[i:i + chunk]:
+            try:
+                with Image.open(name) as im:
+                    a = np.asarray(im.convert('RGB'))
+            except Exception as e:
+                die(f'--images: cannot read {name} ({type(e).__name__}: {e})')
+            first = first or (name, a.shape)
+            if a.shape != first[1]:
+                die(f'--images: {name} is {a.shape[1]}x{a.shape[0]} but {first[0]} is {first[1][1]}x{first[1][0]}; '
+                    f'all images must have one size')
+            batch.append(a)
+        yield np.stack(batch)
+
+
+def load_samples_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if 'samples' not in f:
+                die(f'--images {path}: no array named samples (has {list(f.keys())})')
+            x = f['samples']
+    except SystemExit:
+        raise
+    except Exception as e:
+        die(f'--images {path}: not a readable .npz ({type(e).__name__}: {e})')
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
+        die(f'--images {path}: samples must be uint8 NHWC with 1 or 3 channels, got {x.dtype} {x.shape}')
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process (torchrun): each rank computes the features of its shard, rank 0 gathers them.
+
+def init_distributed(device):
+    """(rank, world, device) from torchrun's environment; (0, 1, device) when run plainly."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    rank, local = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0))
+    if torch.device(device).type == 'cuda':
+        device = torch.device('cuda', local)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group('nccl' if torch.device(device).type == 'cuda' else 'gloo')
+    return rank, world, torch.device(device)
+
+
+def gather_rows(x, world, device):
+    """Concatenate every rank's (n_r, D) array on all ranks (shards may differ in length by one)."""
+    if world == 1:
+        return x
+    comm_dev = device if device.type == 'cuda' else torch.device('cpu')  # nccl only moves GPU tensors
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(comm_dev)
+    n = torch.tensor([len(x)], device=comm_dev)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(counts, n)
+    most = int(max(c.item() for c in counts))
+    padded = torch.zeros((most,) + tuple(t.shape[1:]), dtype=t.dtype, device=comm_dev)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return np.concatenate([p[:int(c.item())].cpu().numpy() for p, c in zip(parts, counts)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+def generated_images(sample, net, ckpt, seeds, batch, device, sigma_n=None):
+    """uint8 NHWC batches of one-step samples for `seeds`; with sigma_n, corrupted like the training data
+    (noise of sample `s` from (0, s)) before the uint8 conversion: proximal FID."""
+    import pretrain
+    for seed_list, x in sample.generate(net, ckpt, seeds, batch, device):
+        x = x.detach().cpu().float().numpy()
+        if sigma_n:
+            x = pretrain.make_noisy(x, sigma_n, seed=0, index=seed_list)
+        yield to_uint8(x)
+
+
+def cmd_ref(args, rank, world, device, net):
+    import pretrain
+    x, info = pretrain.load_data(args.data, args.data_dir)
+    if info.get('kind') != 'images' or x.ndim != 4:
+        die(f'--data {args.data}: is {info.get("kind")} data of shape {x.shape}; FID needs images')
+    if args.sigma:
+        x = pretrain.make_noisy(x, args.sigma, args.seed)  # the fixed noisy set the teacher trained on
+    shard = np.array_split(np.arange(len(x)), world)[rank]
+    chunks = (to_uint8(x[shard[i:i + 1024]]) for i in range(0, len(shard), 1024))
+    feats = gather_rows(features(chunks, args.batch, device, net, args.features, verbose=rank == 0), world, device)
+    if rank == 0:
+        mu, sigma = stats_of(feats)
+        save_stats(args.out, mu, sigma, args.features, num=len(feats))
+        noisy = f', sigma {args.sigma:g} noise seed {args.seed}' if args.sigma else ''
+        print(f'wrote {args.features} stats of {len(feats)} images of {args.data}{noisy} to {args.out}')
+
+
+def cmd_calc(args, rank, world, device, net, ref):
+    label = ('proximal ' if args.proximal else '') + LABEL[args.features]
+    if args.images:
+        if args.proximal or args.repeats != 1:
+            die('--proximal and --repeats need --net (samples generated here with known seeds)')
+        if args.images.endswith('.npz'):
+            x = load_samples_npz(args.images)
+            x = x[:args.num] if args.num else x
+            n = len(x)
+            source = x[np.array_split(np.arange(n), world)[rank]]
+        else:
+            files = image_files(args.images)
+            files = files[:args.num] if args.num else files
+            n = len(files)
+            source = read_images(np.array_split(np.array(files), world)[rank].tolist())
+        if args.num and n < args.num:
+            die(f'--images {args.images}: has {n} images, fewer than --num {args.num}')
+        if n < 2:
+            die(f'--images {args.images}: has {n} image(s); need at least 2 (50000 for a reportable FID)')
+        runs = [(f'{n} images of {args.images}', source)]
+    else:
+        import sample
+        gen, ckpt = sample.load_net(args.net, device)
+        sigma_n = float(ckpt.get('sigma_n') or 0)
+        if args.proximal and sigma_n <= 0:
+            die(f'--net {args.net}: --proximal needs a checkpoint with sigma_n > 0 (it has {ckpt.get("sigma_n")})')
+        runs = []
+        for r in range(args.repeats):
+            seeds = list(range(r * args.num, (r + 1) * args.num))
+            mine = np.array_split(np.array(seeds), world)[rank].tolist()
+            runs.append((f'seeds {seeds[0]}-{seeds[-1]}',
+                         generated_images(sample, gen, ckpt, mine, args.batch, device, sigma_n if args.proximal else 0)))
+    values = []
+    for what, source in runs:
+        feats = gather_rows(features(source, args.batch, device, net, args.features, verbose=rank == 0), world, device)
+        if rank == 0:
+            mu, sigma = stats_of(feats)
+            if mu.shape != ref[0].shape:
+                die(f'--ref {args.ref}: has {len(ref[0])}-d stats but the images give {len(mu)}-d '
+                    f'{args.features} features (pixel stats need images of the same size)')
+            values.append(frechet_distance(mu, sigma, *ref))
+            print(f'{label} {values[-1]:.4f}  ({what} vs {args.ref})', flush=True)
+    if rank == 0 and len(values) > 1:
+        print(f'{label} {np.mean(values):.4f} +- {np.std(values, ddof=1):.4f}  (mean +- std over {len(values)} runs)')
+    return values
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='\n'.join(__doc__.split('\n')[-7:]))
+    sub = p.add_subparsers(dest='cmd', required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--features', choices=list(LABEL), default=None,
+                        help='inception: FID (needs the weights file); pixel: flattened pixels in [-1,1], reported as '
+                             '"pixel FD" (default: inception for ref, the --ref file\'s kind for calc)')
+    common.add_argument('--inception', metavar='PTH', default=None,
+                        help=f'{WEIGHTS_NAME} (default: look in $DSD_DATA, then torch hub checkpoints/, then download)')
+    common.add_argument('--batch', type=int, default=64, help='images per forward pass (default 64)')
+    common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='torch device (default cuda if available)')
+
+    r = sub.add_parser('ref', parents=[common], help='stats of a data set (clean, or the fixed noisy set)')
+    r.add_argument('--data', required=True, help='data set name or path, as for pretrain.py (cifar10, a folder, ...)')
+    r.add_argument('--data-dir', default=None, help='where pretrain.py finds downloaded data (else $DSD_DATA, ./data)')
+    r.add_argument('--sigma', type=float, default=0.0, help='stats of the data plus N(0, sigma^2) noise, drawn as '
+                   'pretrain.py draws the teacher\'s noisy set (for proximal FID)')
+    r.add_argument('--seed', type=int, default=0, help='noise seed; must match the teacher\'s (default 0)')
+    r.add_argument('--out', required=True, help='.npz to write (mu, sigma, features, num)')
+
+    c = sub.add_parser('calc', parents=[common], help='FID of saved or generated samples against a stats file')
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument('--images', help='folder of images (searched recursively) or .npz with uint8 NHWC "samples"')
+    src.add_argument('--net', help='generator checkpoint: generate the samples here, one step each')
+    c.add_argument('--ref', required=True, help='reference stats .npz (from `fid.py ref`, EDM or pytorch-fid)')
+    c.add_argument('--num', type=int, default=None, help='number of samples (default: all images; 50000 for --net)')
+    c.add_argument('--proximal', action='store_true', help='corrupt the samples with the checkpoint\'s sigma_n '
+                   'before scoring, to compare against `ref --sigma` stats of the noisy training set')
+    c.add_argument('--repeats', type=int, default=1, help='with --net: runs on seeds 0..num-1, num..2num-1, ...; '
+                   'prints mean +- std')
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error('--batch must be >= 1')
+    if args.cmd == 'calc':
+        if args.num is not None and args.num < 2:
+            p.error('--num must be >= 2')
+        if args.net and args.num is None:
+            args.num = 50000
+        if args.repeats < 1:
+            p.error('--repeats must be >= 1')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.cmd == 'calc':
+        args.features = args.features or stats_kind(args.ref) or 'inception'
+        ref = load_stats(args.ref, args.features)  # fail on a bad --ref before any work
+    else:
+        args.features = args.features or 'inception'
+    rank, world, device = init_distributed(args.device)
+    net = load_inception(args.inception, device) if args.features == 'inception' else None
+    try:
+        return cmd_ref(args, rank, world, device, net) if args.cmd == 'ref' else cmd_calc(args, rank, world, device, net, ref)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

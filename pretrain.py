@@ -1,0 +1,596 @@
+"""Phase I of DSD: denoising pretraining of an EDM teacher on a fixed noisy copy of the data (Algorithm 2).
+
+    python pretrain.py --data toy                          # 2-D toy, CPU, a minute
+    torchrun --nproc_per_node=4 pretrain.py --sigma 0.2    # the paper's CIFAR-10 teacher
+
+This file also owns the data (loaders, the built-in sets) and the corruption y = x0 + sigma_n * eps;
+the later stages import them from here.
+"""
+import argparse
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import resource
+import sys
+import tarfile
+import time
+import urllib.request
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import networks
+
+P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal training noise levels
+CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
+
+
+def die(msg):
+    """Bad input ends here: one line on stderr, exit code 2, no traceback."""
+    raise SystemExit(f'error: {msg}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up (shared by every stage). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK.
+
+def init_distributed(device=None):
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    if device is None:
+        device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def print0(*a, **k):
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(*a, **k, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data. Every loader returns clean float32 data: images NCHW in [-1, 1], points (N, D).
+
+def toy_points(n, seed):
+    """2-D points on a 1-D curve (a sine arc) cut into 5 separated pieces: a low-dimensional set with modes."""
+    g = np.random.default_rng(seed)
+    piece = g.integers(0, 5, n)
+    t = -1.5 + 0.7 * piece + 0.3 * g.random(n)           # pieces of width 0.3, gaps of 0.4
+    return np.stack([t, np.sin(2.2 * t)], 1).astype(np.float32)
+
+
+def toy_curve(m=20000):
+    """The clean support of `toy_points`, densely sampled (to measure distance to the clean data)."""
+    t = np.concatenate([-1.5 + 0.7 * k + np.linspace(0, 0.3, m // 5) for k in range(5)])
+    return np.stack([t, np.sin(2.2 * t)], 1).astype(np.float32)
+
+
+def shapes_images(n, seed, res=16):
+    """Procedural 16x16 RGB images: one anti-aliased disk or square of one of six colours on a grey ground.
+    Few degrees of freedom (kind, colour, centre, size), smooth except at the edge."""
+    g = np.random.default_rng(seed)
+    palette = np.array([[.9, .2, .2], [.2, .8, .3], [.2, .4, .9], [.9, .8, .2], [.8, .3, .8], [.2, .8, .8]])
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    kind, colour = g.integers(0, 2, n), palette[g.integers(0, 6, n)]
+    cx, cy = g.uniform(5, res - 5, n), g.uniform(5, res - 5, n)
+    r = g.uniform(2.5, 4.5, n)
+    out = np.empty((n, 3, res, res), np.float32)
+    for i in range(n):
+        dx, dy = xx - cx[i], yy - cy[i]
+        dist_out = np.hypot(dx, dy) - r[i] if kind[i] == 0 else np.maximum(abs(dx), abs(dy)) - r[i]
+        alpha = np.clip(0.5 - dist_out, 0, 1)               # one-pixel anti-aliased edge
+        out[i] = 0.35 * (1 - alpha) + colour[i][:, None, None] * alpha
+    return out * 2 - 1
+
+
+BUILTIN = {'toy': (toy_points, 20000), 'shapes': (shapes_images, 20000)}
+
+
+def builtin_clean(name, n, seed=1):
+    """Fresh clean samples of a built-in set, for evaluation only (training uses seed 0 and noise)."""
+    return BUILTIN[name][0](n, seed)
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """CIFAR-10's batches are pickles: admit numpy arrays and nothing that could run code."""
+    def find_class(self, module, name):
+        if module in ('numpy.core.multiarray', 'numpy._core.multiarray') and name == '_reconstruct':
+            return np.ndarray.__reduce__(np.zeros(0))[0]                # numpy's own array rebuilder
+        if module == 'numpy' and name in ('ndarray', 'dtype'):
+            return getattr(np, name)
+        if (module, name) == ('_codecs', 'encode'):                       # how protocol 2 spells bytes
+            import codecs
+            return codecs.encode
+        raise pickle.UnpicklingError(f'unexpected global {module}.{name}')
+
+
+def find_cifar10(data_dir):
+    dirs = [d for d in (data_dir, os.environ.get('DSD_DATA'), 'data') if d]
+    for d in dirs:
+        path = os.path.join(d, 'cifar-10-python.tar.gz')
+        if os.path.isfile(path):
+            return path
+    target = os.path.join(dirs[0], 'cifar-10-python.tar.gz')
+    print0(f'downloading CIFAR-10 to {target} (one attempt, 120 s timeout) ...')
+    try:
+        os.makedirs(dirs[0], exist_ok=True)
+        with urllib.request.urlopen(CIFAR_URL, timeout=120) as r:
+            blob = r.read()
+        with open(target + '.tmp', 'wb') as f:
+            f.write(blob)
+        os.replace(target + '.tmp', target)
+        return target
+    except Exception as e:
+        die(f'--data cifar10: cifar-10-python.tar.gz not found in {", ".join(dirs)} and the download failed '
+            f'({type(e).__name__}); fetch {CIFAR_URL} by hand and put it in --data-dir, $DSD_DATA or ./data')
+
+
+def load_cifar10(data_dir):
+    path = find_cifar10(data_dir)
+    try:
+        with tarfile.open(path, 'r:gz') as tar:
+            batches = []
+            for k in range(1, 6):
+                f = tar.extractfile(f'cifar-10-batches-py/data_batch_{k}')
+                batches.append(_NumpyOnly(f, encoding='latin1').load()['data'])
+    except (tarfile.TarError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
+        die(f'{path}: not a readable cifar-10-python.tar.gz ({e}); delete it and fetch {CIFAR_URL} again')
+    return np.concatenate(batches).reshape(-1, 3, 32, 32)        # uint8 NCHW, the 50k training images
+
+
+def decode_images(named_blobs, source):
+    from PIL import Image
+    images, shape = [], None
+    for name, blob in named_blobs:
+        try:
+            img = np.asarray(Image.open(io.BytesIO(blob)).convert('RGB'))
+        except Exception:
+            die(f'{source}: cannot decode image {name}')
+        if img.shape[0] != img.shape[1]:
+            die(f'{source}: image {name} is {img.shape[1]}x{img.shape[0]}; images must be square '
+                '(crop or resize them, e.g. with EDM\'s dataset_tool.py)')
+        if shape is not None and img.shape != shape:
+            die(f'{source}: image {name} is {img.shape[1]}x{img.shape[0]} but earlier ones are '
+                f'{shape[1]}x{shape[0]}; all images must have the same size')
+        shape = img.shape
+        images.append(img)
+    if not images:
+        die(f'{source}: no PNG/JPEG images found')
+    return np.stack(images).transpose(0, 3, 1, 2)
+
+
+def load_image_dir(path):
+    names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    return decode_images(((n, open(n, 'rb').read()) for n in names), path)
+
+
+def load_image_zip(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))
+            return decode_images(((n, z.read(n)) for n in names), path)
+    except zipfile.BadZipFile:
+        die(f'{path}: not a readable zip file')
+
+
+def load_array(path):
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        die(f'{path}: cannot read as .npy/.npz ({type(e).__name__}: {e})')
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        if len(arr.files) != 1:
+            die(f'{path}: the .npz must hold exactly one array, it holds {arr.files}')
+        arr = arr[arr.files[0]]
+    return arr
+
+
+def load_data(data, data_dir=None):
+    """--data -> (clean or as-given float32 array, info). Images come back NCHW in [-1, 1]."""
+    if data in BUILTIN:
+        fn, n = BUILTIN[data]
+        x = fn(n, 0)
+        return x, dict(name=data, kind='points' if x.ndim == 2 else 'images')
+    name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
+    if data == 'cifar10':
+        u8 = load_cifar10(data_dir)
+    elif os.path.isdir(data):
+        u8 = load_image_dir(data)
+    elif os.path.isfile(data) and data.endswith('.zip'):
+        u8 = load_image_zip(data)
+    elif os.path.isfile(data) and data.endswith(('.npy', '.npz')):
+        arr = load_array(data)
+        if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] == arr.shape[2]:
+            u8 = arr.transpose(0, 3, 1, 2)                  # uint8 NHWC images
+        elif arr.dtype.kind == 'f' and arr.ndim == 2:
+            return arr.astype(np.float32), dict(name=name, kind='points')
+        elif arr.dtype.kind == 'f' and arr.ndim == 4 and arr.shape[2] == arr.shape[3]:
+            return arr.astype(np.float32), dict(name=name, kind='images')   # float NCHW, model units
+        else:
+            die(f'{data}: expected uint8 NHWC square images, float (N, D) points or float NCHW images; '
+                f'got {arr.dtype} {arr.shape}')
+    elif not os.path.exists(data):
+        die(f'--data {data}: no such file or folder; use cifar10, toy, shapes, an image folder, a .zip, '
+            'or a .npy/.npz array')
+    else:
+        die(f'--data {data}: unsupported file type; use an image folder, a .zip, or a .npy/.npz array')
+    if len(u8) < 2:
+        die(f'--data {data}: needs at least 2 images, found {len(u8)}')
+    return u8.astype(np.float32) / 127.5 - 1, dict(name=name, kind='images')
+
+
+def make_noisy(clean, sigma, seed=0, index=None):
+    """y_i = x_i + sigma * eps_i with eps_i drawn from a generator seeded by (seed, i): the same set on every rank,
+    every run and after resume. Float32 and never clipped. `index` gives the item numbers (default 0..N-1)."""
+    clean = np.asarray(clean, np.float32)
+    if sigma == 0:
+        return clean.copy()
+    index = range(len(clean)) if index is None else index
+    noise = np.stack([np.random.default_rng((seed, int(i))).standard_normal(clean.shape[1:], np.float32)
+                      for i in index])
+    return clean + np.float32(sigma) * noise
+
+
+def noisy_dataset(data, sigma, seed=0, data_dir=None, already_noisy=False):
+    """The only data training ever sees: the fixed noisy set (Alg. 2, line 1)."""
+    x, info = load_data(data, data_dir)
+    if already_noisy:
+        return x, info
+    return make_noisy(x, sigma, seed), info
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise-level estimation for data whose sigma_n nobody told us (--sigma auto, --estimate-sigma).
+
+def estimate_sigma(x, seed=0):
+    raise NotImplementedError   # filled in below
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation. EDM's non-leaky pipe conditions the net on 9 labels. We implement only the transforms that
+# permute pixels (x-flip, y-flip, rotation by multiples of 90 degrees, integer translation with reflection):
+# they keep the per-pixel noise N(0, sigma_n^2), whereas resampling (fractional scale/rotation/anisotropy)
+# would blur and correlate the noise the Ambient loss relies on. Labels use EDM's layout:
+# [xflip, yflip, scale, cos(rot)-1, sin(rot), aniso x2, translate x, translate y]; unused slots stay 0.
+
+def augment(y, p, g):
+    n, c, h, w = y.shape
+    labels = torch.zeros(n, 9)
+    on = lambda prob: torch.rand(n, generator=g) < prob
+    flip_x = torch.randint(0, 2, (n,), generator=g).bool()         # EDM: x-flip has prob 1/2 whenever p > 0
+    flip_y = on(p) & torch.randint(0, 2, (n,), generator=g).bool()
+    quarter = torch.where(on(p), torch.randint(0, 4, (n,), generator=g), 0)
+    shift = torch.where(on(p)[:, None], (torch.randn(n, 2, generator=g) * w * 0.125).round(), 0).long()
+    shift = shift.clamp(-(w - 1), w - 1)
+    out = []
+    for i in range(n):
+        im = y[i]
+        im = im.flip(2) if flip_x[i] else im
+        im = im.flip(1) if flip_y[i] else im
+        im = torch.rot90(im, int(quarter[i]), (1, 2)) if h == w else im
+        tx, ty = int(shift[i, 0]), int(shift[i, 1])
+        if tx or ty:
+            pad = torch.nn.functional.pad(im[None], (abs(tx), abs(tx), abs(ty), abs(ty)), mode='reflect')[0]
+            im = pad[:, abs(ty) - ty: abs(ty) - ty + h, abs(tx) - tx: abs(tx) - tx + w]
+        out.append(im)
+    angle = quarter.float() * (math.pi / 2)
+    labels[:, 0], labels[:, 1] = flip_x.float(), flip_y.float()
+    labels[:, 3], labels[:, 4] = angle.cos() - 1, angle.sin()
+    labels[:, 7:9] = shift.float() / (w * 0.125)
+    return torch.stack(out), labels
+
+
+# ----------------------------------------------------------------------------------------------
+# The denoising losses. The fake net in distill.py trains with the same function.
+
+def sample_sigma(n, sigma_n, loss, g):
+    """Alg. 2, line 2: EDM's log-normal noise levels; the adjusted way clamps them to >= sigma_n."""
+    sigma = (torch.randn(n, generator=g) * P_STD + P_MEAN).exp()
+    return sigma.clamp(min=sigma_n) if loss == 'ambient' else sigma
+
+
+def denoising_loss(net, y, sigma, eps, sigma_n, loss, augment_labels=None):
+    """Per-element weighted loss on noisy data y: Eq. (3) for loss='ambient', Eq. (1) for loss='standard'."""
+    s = sigma.reshape(-1, *[1] * (y.ndim - 1))
+    weight = (s ** 2 + 0.25) / (s * 0.5) ** 2                          # lambda(sigma), sigma_data = 0.5
+    if loss == 'ambient':
+        x_t = y + (s ** 2 - sigma_n ** 2).clamp(min=0).sqrt() * eps    # Alg. 2, line 3: x_t ~ x0 + sigma * eps
+        x0_hat = net(x_t, sigma, augment_labels)                       # D predicts E[x0 | x_t]
+        y_hat = (sigma_n ** 2 / s ** 2) * x_t + (1 - sigma_n ** 2 / s ** 2) * x0_hat   # Tweedie: E[y | x_t]
+    else:
+        x_t = y + s * eps                                              # Alg. 2, line 3 (Eq. 1)
+        y_hat = net(x_t, sigma, augment_labels)                        # D predicts E[y | x_t]
+    return weight * (y_hat - y) ** 2                                   # Alg. 2, line 4: Eq. (3) / Eq. (1)
+
+
+def ema_beta(batch, nimg, halflife_kimg, rampup):
+    """EDM's EMA: half-life in images, ramped up as a fraction of the images seen so far."""
+    half = halflife_kimg * 1000
+    if rampup:
+        half = min(half, nimg * rampup)
+    return 0.5 ** (batch / max(half, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(ema, net, beta):
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.copy_(p.detach().lerp(pe, beta))
+
+
+def memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def batch_indices(step, batch, n, seed):
+    """Positions step*batch ... of an endless stream of shuffled epochs; every rank computes the same list."""
+    pos = np.arange(step * batch, (step + 1) * batch)
+    out = np.empty(batch, np.int64)
+    for epoch in np.unique(pos // n):
+        sel = pos // n == epoch
+        perm = np.random.default_rng((seed, 1, int(epoch))).permutation(n)
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='DSD Phase I: train an EDM teacher on noisy data (Algorithm 2).')
+    p.add_argument('--data', default='cifar10', help='cifar10 | toy | shapes | image folder | .zip | .npy/.npz')
+    p.add_argument('--data-dir', default=None, help='where cifar-10-python.tar.gz lives (else $DSD_DATA, ./data)')
+    p.add_argument('--sigma', default='0.2', help='sigma_n, the noise level of the data; "auto" estimates it')
+    p.add_argument('--already-noisy', action='store_true', help='the data is noisy as given: add no noise')
+    p.add_argument('--estimate-sigma', action='store_true', help='print an estimate of sigma_n and exit')
+    p.add_argument('--loss', default='ambient', choices=['ambient', 'standard'],
+                   help='ambient = Eq. (3), learns the clean score above sigma_n; standard = Eq. (1)')
+    p.add_argument('--preset', default=None, help='cifar10|ffhq64|afhq64|celebahq64|tiny|toy (default: by data)')
+    p.add_argument('--kimg', type=float, help='training length in thousands of images')
+    p.add_argument('--batch', type=int, help='total batch size')
+    p.add_argument('--batch-gpu', type=int, default=None, help='per-process batch; smaller accumulates gradients')
+    p.add_argument('--lr', type=float, help='Adam learning rate')
+    p.add_argument('--warmup', type=float, help='linear learning-rate warm-up, kimg')
+    p.add_argument('--dropout', type=float, help='dropout of the U-Net')
+    p.add_argument('--augment', type=float, help='probability of EDM-style non-leaky augmentation')
+    p.add_argument('--xflip', action='store_true', help='dataset x-flips (no label)')
+    p.add_argument('--ema', type=float, help='EMA half-life, kimg')
+    p.add_argument('--ema-rampup', type=float, help='EMA ramp-up ratio')
+    p.add_argument('--tick', type=float, help='kimg between progress lines')
+    p.add_argument('--snap', type=float, help='kimg between snapshots (grid PNG + checkpoint)')
+    p.add_argument('--outdir', default=None, help='default runs/pretrain-<data>-sigma<sigma>')
+    p.add_argument('--resume', nargs='?', const='latest', default=None,
+                   help='continue the run in --outdir (or from the given latest.pt) exactly where it stopped')
+    p.add_argument('--init', default=None, help='start from published weights (our .pt or an EDM .pkl)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the noisy set and of training')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--compile', action='store_true', help='torch.compile the network')
+    p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    p.add_argument('--dry-run', action='store_true', help='print the resolved configuration and exit')
+    return p.parse_args(argv)
+
+
+def default_preset(data, x, info):
+    if data in ('toy', 'shapes', 'cifar10'):
+        return {'toy': 'toy', 'shapes': 'tiny', 'cifar10': 'cifar10'}[data]
+    if info['kind'] == 'points':
+        return 'toy'
+    return {32: 'cifar10', 64: 'ffhq64', 16: 'tiny'}.get(x.shape[-1]) or \
+        die(f'--data {data}: {x.shape[-1]}x{x.shape[-1]} images have no default preset; pass --preset')
+
+
+def resolve(args):
+    """Preset + explicit flags -> the configuration that runs. Returns (cfg, net_config, noisy data, info)."""
+    if args.sigma == 'auto':
+        sigma = None
+    else:
+        try:
+            sigma = float(args.sigma)
+        except ValueError:
+            die(f'--sigma {args.sigma}: not a number; give sigma_n >= 0 (e.g. 0.2) or "auto"')
+        if not sigma >= 0:
+            die(f'--sigma {args.sigma}: the noise level must be >= 0 (0 is plain EDM training)')
+    x, info = load_data(args.data, args.data_dir)
+    estimate = None
+    if sigma is None or args.estimate_sigma:
+        if not args.already_noisy and sigma is None:
+            die('--sigma auto estimates the noise of data that is already noisy; add --already-noisy')
+        estimate = estimate_sigma(x if args.already_noisy else make_noisy(x, sigma, args.seed), args.seed)
+        sigma = estimate['sigma'] if sigma is None else sigma
+    y = x if args.already_noisy else make_noisy(x, sigma, args.seed)
+    del x                                                              # training never sees clean data
+    preset = args.preset or default_preset(args.data, y, info)
+    if preset not in networks.PRESETS:
+        die(f'--preset {preset}: unknown; choose from {", ".join(networks.PRESETS)}')
+    net_cfg = copy.deepcopy(networks.PRESETS[preset]['net'])
+    train = dict(networks.PRESETS[preset]['train'])
+    if (info['kind'] == 'points') != (net_cfg.get('arch') == 'mlp'):
+        die(f'--preset {preset} is for {"points" if net_cfg.get("arch") == "mlp" else "images"} but --data '
+            f'{args.data} holds {info["kind"]}; use --preset {"toy" if info["kind"] == "points" else "tiny"}')
+    if info['kind'] == 'points':
+        net_cfg['img_channels'] = y.shape[1]
+    else:
+        net_cfg['img_resolution'], net_cfg['img_channels'] = y.shape[-1], y.shape[1]
+    if args.dropout is not None:
+        net_cfg['dropout'] = args.dropout
+    for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'tick', 'snap'):
+        if getattr(args, k) is not None:
+            train[k] = getattr(args, k)
+    if args.ema_rampup is not None:
+        train['ema_rampup'] = args.ema_rampup
+    train.setdefault('tick', max(train['kimg'] / 100, 0.1))
+    train.setdefault('snap', max(train['kimg'] / 10, train['tick']))
+    cfg = dict(data=args.data, sigma_n=sigma, loss=args.loss, preset=preset, seed=args.seed,
+               already_noisy=args.already_noisy, xflip=args.xflip, precision=args.precision, **train)
+    cfg['noisy_sha256'] = hashlib.sha256(y.tobytes()).hexdigest()[:16]     # the fixed noisy set's fingerprint
+    if estimate is not None:
+        cfg['sigma_estimate'] = estimate
+    cfg['outdir'] = args.outdir or os.path.join('runs', f'pretrain-{info["name"]}-sigma{args.sigma if sigma is None else f"{sigma:g}"}')
+    return cfg, net_cfg, y, info
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    cfg, net_cfg, y, info = resolve(args)
+    if args.estimate_sigma:
+        e = cfg['sigma_estimate']
+        print0(f'estimated sigma_n = {e["sigma"]:.4f} +- {e["std"]:.4f} ({e["method"]}, {e["n"]} samples)'
+               + ('  -- no noise detected' if e['sigma'] < 0.01 else ''))
+        return
+    batch_gpu = args.batch_gpu or cfg['batch'] // world
+    if cfg['batch'] % (world * batch_gpu):
+        die(f'--batch {cfg["batch"]} is not divisible by world size {world} x --batch-gpu {batch_gpu}; '
+            f'choose a batch that is a multiple of {world * batch_gpu}')
+    accum = cfg['batch'] // (world * batch_gpu)
+    if world > 1:                                   # every rank must hold the same noisy set
+        shas = [None] * world
+        dist.all_gather_object(shas, cfg['noisy_sha256'])
+        if len(set(shas)) > 1:
+            die(f'the ranks drew different noisy sets ({shas}); check that every node sees the same --data')
+    if args.dry_run:
+        print0(json.dumps(dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu, accum=accum,
+                               data_shape=list(y.shape)), indent=2, default=str))
+        return
+    if cfg['augment'] and info['kind'] == 'points':
+        die('--augment applies to images; use --augment 0 for point data')
+
+    # Network, EMA teacher, optimizer (Alg. 2, line 1).
+    torch.manual_seed(cfg['seed'])
+    net = networks.build_net(net_cfg).to(device)
+    if args.init:
+        init = networks.load_checkpoint(args.init)
+        if init['net'] != net.config:
+            die(f'--init {args.init}: its network {init["net"]} differs from this run\'s {net.config}')
+        net.load_state_dict(init['ema'])
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg['lr'], betas=(0.9, 0.999), eps=1e-8)
+    step = 0
+    latest = os.path.join(cfg['outdir'], 'latest.pt')
+    if args.resume:
+        path = latest if args.resume == 'latest' else args.resume
+        if not os.path.isfile(path):
+            die(f'--resume: {path} does not exist; run without --resume to start, or give the latest.pt to resume')
+        ck = networks.load_checkpoint(path)
+        if ck.get('kind') != 'teacher' or 'state' not in ck:
+            die(f'--resume {path}: not a pretraining checkpoint with training state')
+        if ck['net'] != net.config:
+            diff = sorted(k for k in set(ck['net']) | set(net.config) if ck['net'].get(k) != net.config.get(k))
+            die(f'--resume {path}: that run has another architecture (differs in {", ".join(diff)}); '
+                f'use its --preset/--dropout or a new --outdir')
+        for k in ('data', 'sigma_n', 'loss', 'seed', 'already_noisy', 'noisy_sha256'):
+            if ck['config'][k] != cfg[k]:
+                die(f'--resume {path}: that run used {k}={ck["config"][k]!r}, this one {cfg[k]!r}')
+        net.load_state_dict(ck['state']['net'])
+        ema.load_state_dict(ck['ema'])
+        opt.load_state_dict(ck['state']['opt'])
+        step = ck['state']['step']
+        print0(f'resuming {path} at {step * cfg["batch"] / 1000:.1f} kimg')
+    if device.type == 'cuda' and info['kind'] == 'images':
+        net, ema = net.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
+        if world > 1 else net
+    fwd = torch.compile(ddp) if args.compile else ddp
+    dtype = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)[cfg['precision']]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg['precision'] == 'fp16')
+    data = torch.from_numpy(y)
+    sigma_n, loss_kind = float(cfg['sigma_n']), cfg['loss']
+    total_steps = max(1, round(cfg['kimg'] * 1000 / cfg['batch']))
+    tick_steps = max(1, round(cfg['tick'] * 1000 / cfg['batch']))
+    snap_steps = max(1, round(cfg['snap'] * 1000 / cfg['batch']))
+    if rank == 0:
+        os.makedirs(cfg['outdir'], exist_ok=True)
+        with open(os.path.join(cfg['outdir'], 'config.json'), 'w') as f:
+            json.dump(dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), f, indent=2, default=str)
+        print0(f'{info["name"]}: {len(data)} noisy {info["kind"]} {tuple(data.shape[1:])}, sigma_n={sigma_n:g}, '
+               f'loss={loss_kind}, preset={cfg["preset"]}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M '
+               f'params, {total_steps} steps of {cfg["batch"]} on {world} x {device.type}')
+
+    t0, tick_t0, tick_loss, tick_n = time.time(), time.time(), 0.0, 0
+    while step < total_steps:
+        # Alg. 2, line 2: a minibatch of noisy data. The randomness of a step depends on (seed, step) only,
+        # so one process and N processes with the same global batch take the same step, and resume is exact.
+        g = torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + step)
+        torch.manual_seed(cfg['seed'] * 1_000_003 + step * 7919 + rank)        # dropout
+        idx = torch.from_numpy(batch_indices(step, cfg['batch'], len(data), cfg['seed']))
+        yb = data[idx]
+        if cfg['xflip'] and info['kind'] == 'images':
+            yb = torch.where(torch.rand(len(yb), 1, 1, 1, generator=g) < 0.5, yb.flip(3), yb)
+        labels = None
+        if net_cfg.get('augment_dim'):
+            yb, labels = augment(yb, cfg['augment'], g) if cfg['augment'] else (yb, torch.zeros(len(yb), 9))
+        sigma = sample_sigma(len(yb), sigma_n, loss_kind, g)
+        eps = torch.randn(yb.shape, generator=g)
+        lr = cfg['lr'] * min(step * cfg['batch'] / max(cfg['warmup'] * 1000, 1e-8), 1)
+        for group in opt.param_groups:
+            group['lr'] = lr
+        opt.zero_grad(set_to_none=True)
+        lo = rank * batch_gpu * accum
+        for a in range(accum):
+            sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
+            lab = labels[sl].to(device) if labels is not None else None
+            yy = yb[sl].to(device)
+            if device.type == 'cuda' and yy.ndim == 4:
+                yy = yy.contiguous(memory_format=torch.channels_last)
+            sync = a == accum - 1 or world == 1
+            ctx = ddp.no_sync() if not sync else torch.enable_grad()
+            with ctx, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                # Alg. 2, lines 3-4: corrupt further to level sigma and regress (Eq. 3 or Eq. 1)
+                per_elem = denoising_loss(fwd, yy, sigma[sl].to(device), eps[sl].to(device), sigma_n, loss_kind, lab)
+                loss = per_elem.float().sum() / (cfg['batch'] // world)
+            scaler.scale(loss).backward()
+            tick_loss += loss.item() * (cfg['batch'] // world) / per_elem[0].numel()
+            tick_n += batch_gpu
+        scaler.unscale_(opt)
+        for p in net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        # Alg. 2, line 5: EMA of the weights; the EMA is the teacher.
+        update_ema(ema, net, ema_beta(cfg['batch'], step * cfg['batch'], cfg['ema'], cfg['ema_rampup']))
+
+        done = step == total_steps
+        if step % tick_steps == 0 or done:
+            stats = torch.tensor([tick_loss, tick_n], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(stats)
+            kimg, dt = step * cfg['batch'] / 1000, time.time() - tick_t0
+            sec_kimg = dt / max(stats[1].item() / 1000, 1e-9)
+            rec = dict(kimg=round(kimg, 3), loss=stats[0].item() / max(stats[1].item(), 1), sec_per_kimg=sec_kimg,
+                       eta_s=(total_steps - step) * cfg['batch'] / 1000 * sec_kimg, mem_gb=memory_gb(device),
+                       time_s=time.time() - t0)
+            print0(f'kimg {rec["kimg"]:9.1f}  loss {rec["loss"]:.4f}  sec/kimg {sec_kimg:7.2f}  '
+                   f'ETA {rec["eta_s"] / 60:7.1f} min  mem {rec["mem_gb"]:.2f} GB')
+            if rank == 0:
+                with open(os.path.join(cfg['outdir'], 'stats.jsonl'), 'a') as f:
+                    f.write(json.dumps(rec) + '\n')
+            tick_t0, tick_loss, tick_n = time.time(), 0.0, 0
+        if step % snap_steps == 0 or done:
+            if rank == 0:
+                ckpt = dict(format='dsd-1', kind='teacher', net=ema.config, ema=ema.state_dict(), sigma_n=sigma_n,
+                            loss=loss_kind, data=cfg['data'], kimg=step * cfg['batch'] / 1000, config=cfg,
+                            state=dict(net=net.state_dict(), opt=opt.state_dict(), step=step))
+                networks.save_checkpoint(latest, ckpt)
+                import sample                       # sample.py owns the samplers and the grid writer
+                sample.save_preview(ema, ckpt, os.path.join(cfg['outdir'], f'samples-{step * cfg["batch"] // 1000:06d}kimg.png'), device)
+            if world > 1:
+                dist.barrier()
+    print0(f'done: {latest}')
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,293 @@
+"""Sampling (Algorithm 3): Ambient-Full and Ambient-Truncated from a teacher, one step from a DSD generator.
+
+    python sample.py --net runs/distill-toy-sigma0.2/best.pt --seeds 0-999 --out samples.npz
+    torchrun --nproc_per_node=4 sample.py --net gen.pt --seeds 0-49999 --out samples/
+    python sample.py --net teacher.pt --generator gen.pt --figure fig4.png     # the paper's Fig. 4 / Fig. 2
+
+Every sample depends only on its seed: not on the batch size, nor on the number of processes.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import networks
+from pretrain import die, init_distributed, print0
+
+
+def parse_seeds(text):
+    """'0-49999' or '1,5,10-19' -> list of ints."""
+    seeds = []
+    try:
+        for part in text.split(','):
+            lo, _, hi = part.partition('-')
+            lo, hi = int(lo), int(hi) if hi else int(lo)
+            if hi < lo or lo < 0:
+                raise ValueError
+            seeds.extend(range(lo, hi + 1))
+    except ValueError:
+        die(f'--seeds {text}: expected non-negative seeds as "A-B" (A <= B) or "1,2,5-9"')
+    return seeds
+
+
+def load_net(path, device, kind=None):
+    """A checkpoint -> (EMA network in eval mode, the checkpoint dict)."""
+    ckpt = networks.load_checkpoint(path)
+    if ckpt.get('kind') not in ('teacher', 'generator'):
+        die(f'{path}: neither a teacher nor a generator checkpoint (kind={ckpt.get("kind")!r})')
+    if kind is not None and ckpt['kind'] != kind:
+        die(f'{path}: a {ckpt["kind"]} checkpoint, but a {kind} is needed here')
+    net = networks.build_net(ckpt['net'])
+    net.load_state_dict(ckpt['ema'])
+    return net.to(device).eval().requires_grad_(False), ckpt
+
+
+def latents(seeds, shape):
+    """One standard-normal tensor per seed, stacked: the batch does not change what a seed gives."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def karras_sigmas(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """Alg. 3, line 2: EDM's time steps sigma_0 > ... > sigma_{N-1}, then sigma_N = 0."""
+    i = torch.arange(steps, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def heun_sampler(net, z, steps=18, sigma_stop=None, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM's deterministic 2nd-order sampler. sigma_stop=sigma_n gives Ambient-Truncated: stop at the first step
+    whose next level is below sigma_n and return the denoised estimate, the posterior mean E[x0 | x]."""
+    t = karras_sigmas(steps, sigma_min, sigma_max, rho).to(z.device)
+    x = z.double() * t[0]                                                      # Alg. 3, line 3
+    denoise = lambda x, s: net(x.float(), s.float().expand(len(x))).double()
+    for i in range(steps):                                                     # Alg. 3, line 4
+        t_cur, t_next = t[i], t[i + 1]
+        if sigma_stop is not None and t_next < sigma_stop:                     # Alg. 3, line 8: truncate
+            return denoise(x, t_cur).float()
+        d = (x - denoise(x, t_cur)) / t_cur                                    # Alg. 3, line 5
+        x_next = x + (t_next - t_cur) * d                                      # Alg. 3, line 6: Euler step
+        if t_next > 0:                                                         # Alg. 3, line 7: Heun correction
+            x_next = x + (t_next - t_cur) * 0.5 * (d + (x_next - denoise(x_next, t_next)) / t_next)
+        x = x_next
+    return x.float()                                                           # Alg. 3, line 9: Ambient-Full
+
+
+def one_step(net, z, sigma_init):
+    """The DSD generator: x_g = G_theta(sigma_init * z) = D_theta(sigma_init * z; sigma_init), one evaluation."""
+    return net(z * sigma_init, torch.full((len(z),), float(sigma_init), device=z.device))
+
+
+def default_steps(ckpt):
+    return 40 if ckpt['net'].get('img_resolution', 0) >= 64 else 18
+
+
+@torch.no_grad()
+def generate(net, ckpt, seeds, batch, device, mode=None, steps=None):
+    """Yield (seeds, samples in model units on the CPU) batch by batch. mode: full|truncated for teachers."""
+    shape = (ckpt['net']['img_channels'],) if ckpt['net'].get('arch') == 'mlp' else \
+        (ckpt['net']['img_channels'], ckpt['net']['img_resolution'], ckpt['net']['img_resolution'])
+    for i in range(0, len(seeds), batch):
+        part = seeds[i:i + batch]
+        z = latents(part, shape).to(device)
+        if ckpt['kind'] == 'generator':
+            x = one_step(net, z, ckpt['sigma_init'])
+        else:
+            stop = ckpt['sigma_n'] if (mode or 'truncated') == 'truncated' and ckpt['sigma_n'] > 0 else None
+            x = heun_sampler(net, z, steps or default_steps(ckpt), sigma_stop=stop)
+        yield part, x.float().cpu()
+
+
+def to_uint8(x):
+    """[-1, 1] NCHW -> uint8 NHWC, as EDM writes images."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_image(images_u8):
+    """uint8 NHWC -> one Pillow image, as square a grid as possible."""
+    from PIL import Image
+    n, h, w, c = images_u8.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    for k in range(n):
+        grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = images_u8[k]
+    return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+
+
+def save_grid(images_u8, path):
+    grid_image(images_u8).save(path)
+
+
+def scatter(points, size=320, lim=2.2, background=None, colour=(30, 90, 200), title=None):
+    """A 2-D point cloud as a Pillow image (the first two coordinates), on [-lim, lim]^2."""
+    from PIL import Image, ImageDraw
+    img = Image.new('RGB', (size, size), 'white')
+    draw = ImageDraw.Draw(img)
+    to_px = lambda p: ((p[:, 0] + lim) / (2 * lim) * (size - 1), (lim - p[:, 1]) / (2 * lim) * (size - 1))
+    if background is not None:
+        for x, y in zip(*to_px(np.asarray(background))):
+            draw.point((x, y), fill=(215, 215, 215))
+    for x, y in zip(*to_px(np.asarray(points))):
+        draw.rectangle((x - 1, y - 1, x + 1, y + 1), fill=colour)
+    draw.rectangle((0, 0, size - 1, size - 1), outline=(120, 120, 120))
+    if title:
+        draw.text((6, 4), title, fill=(0, 0, 0))
+    return img
+
+
+def save_preview(net, ckpt, path, device, n=None):
+    """What a snapshot looks like: a grid of 64 images, or 2000 points. Fixed seeds, so snapshots compare."""
+    points = ckpt['net'].get('arch') == 'mlp'
+    n = n or (2000 if points else 64)
+    x = torch.cat([x for _, x in generate(net, ckpt, list(range(n)), 500, device)])
+    if points:
+        scatter(x.numpy(), title=os.path.basename(path)).save(path)
+    else:
+        save_grid(to_uint8(x), path)
+
+
+def write_samples(out, seeds, x):
+    """--out DIR: PNGs in subfolders of 1000 as EDM does; --out FILE.npz handled by the caller."""
+    from PIL import Image
+    u8 = to_uint8(x)
+    for s, im in zip(seeds, u8):
+        folder = os.path.join(out, f'{s - s % 1000:06d}')
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(os.path.join(folder, f'{s:06d}.png'))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='DSD sampling (Algorithm 3): teachers (Ambient-Full / Ambient-'
+                                            'Truncated) and one-step generators.')
+    p.add_argument('--net', required=True, help='a teacher (pretrain.py) or generator (distill.py) checkpoint')
+    p.add_argument('--mode', choices=['full', 'truncated'], default=None,
+                   help='teachers: full = Heun to sigma 0 (Ambient-Full); truncated = stop at sigma_n and return '
+                        'the posterior mean (Ambient-Truncated, default)')
+    p.add_argument('--steps', type=int, default=None, help='Heun steps (default 18 at 32x32, 40 at 64x64)')
+    p.add_argument('--seeds', default='0-63', help='e.g. 0-49999')
+    p.add_argument('--batch', type=int, default=256, help='samples per forward pass and process')
+    p.add_argument('--out', default=None, help='a folder for PNGs, or FILE.npz (array "samples")')
+    p.add_argument('--grid', default=None, help='FILE.png: a grid (or scatter plot) of the samples')
+    p.add_argument('--generator', default=None, help='with --figure: the DSD generator to compare')
+    p.add_argument('--figure', default=None, help='FILE.png: compare noisy data, Ambient-Full, Ambient-'
+                                                  'Truncated and DSD (Fig. 4 for points, Fig. 2 for images)')
+    p.add_argument('--num', type=int, default=None, help='with --figure: samples per panel (1000 points / 2000 images)')
+    p.add_argument('--device', default=None)
+    p.add_argument('--dry-run', action='store_true', help='print the resolved configuration and exit')
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        die(f'--batch {args.batch}: must be >= 1')
+    seeds = parse_seeds(args.seeds)
+    rank, world, device = init_distributed(args.device)
+    net, ckpt = load_net(args.net, device)
+    if args.mode and ckpt['kind'] == 'generator':
+        die(f'--mode {args.mode}: {args.net} is a one-step generator; --mode applies to teachers')
+    if args.dry_run:
+        print0(dict(net=args.net, kind=ckpt['kind'], sigma_n=ckpt.get('sigma_n'), mode=args.mode or
+                    ('one-step' if ckpt['kind'] == 'generator' else 'truncated'), steps=args.steps or
+                    default_steps(ckpt), seeds=f'{seeds[0]}-{seeds[-1]} ({len(seeds)})', batch=args.batch,
+                    world=world))
+        return
+    if args.figure:
+        return figure(args, net, ckpt, device)
+    mine = seeds[rank::world]                                            # torchrun splits the seeds
+    t0, done, parts = time.time(), 0, []
+    for part, x in generate(net, ckpt, mine, args.batch, device, args.mode, args.steps):
+        done += len(part)
+        if args.out and not args.out.endswith('.npz'):
+            write_samples(args.out, part, x)
+        if (args.out or '').endswith('.npz') or args.grid:
+            parts.append((part, x))
+        print0(f'\r{done * world}/{len(seeds)}  {done / (time.time() - t0):.1f} samples/s per process', end='')
+    print0()
+    if parts:
+        order, x = [s for pt, _ in parts for s in pt], torch.cat([x for _, x in parts])
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (order, x))
+            order = [s for o, _ in gathered for s in o]
+            x = torch.cat([x for _, x in gathered])
+        x = x[np.argsort(order, kind='stable')]
+        if rank == 0 and (args.out or '').endswith('.npz'):
+            arr = x.numpy().astype(np.float32) if x.ndim == 2 else to_uint8(x)
+            np.savez(args.out, samples=arr)
+            print0(f'wrote {args.out}: samples {arr.dtype} {arr.shape}')
+        if rank == 0 and args.grid:
+            scatter(x.numpy()).save(args.grid) if x.ndim == 2 else save_grid(to_uint8(x[:256]), args.grid)
+            print0(f'wrote {args.grid}')
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def figure(args, net, ckpt, device):
+    """Noisy data, Ambient-Full, Ambient-Truncated and DSD side by side (the paper's Fig. 4 for points, Fig. 2 for
+    images), and a table of distances to the clean data where the data set can supply clean samples."""
+    from PIL import Image, ImageDraw
+    import fid
+    import pretrain
+    if ckpt['kind'] != 'teacher':
+        die(f'--figure: --net must be the teacher (pretrain.py), {args.net} is a {ckpt["kind"]}')
+    if not args.generator:
+        die('--figure needs --generator GEN.pt (the distilled one-step generator)')
+    gen, gen_ckpt = load_net(args.generator, device, kind='generator')
+    points = ckpt['net'].get('arch') == 'mlp'
+    n = args.num or (1000 if points else 2000)
+    seeds = list(range(n))
+    cfg = ckpt.get('config', {})
+    data = ckpt.get('data', 'toy')
+    noisy, _ = pretrain.noisy_dataset(data, ckpt['sigma_n'], cfg.get('seed', 0), None, cfg.get('already_noisy', False))
+    noisy = torch.from_numpy(noisy[np.random.default_rng(0).choice(len(noisy), min(n, len(noisy)), replace=False)])
+    cat = lambda it: torch.cat([x for _, x in it])
+    panels = {'noisy data': noisy,
+              'Ambient-Full': cat(generate(net, ckpt, seeds, args.batch, device, 'full', args.steps)),
+              'Ambient-Truncated': cat(generate(net, ckpt, seeds, args.batch, device, 'truncated', args.steps)),
+              'DSD (one step)': cat(generate(gen, gen_ckpt, seeds, args.batch, device))}
+    clean = pretrain.builtin_clean(data, n) if data in pretrain.BUILTIN else None
+    table = {}
+    if clean is not None and points:
+        curve = pretrain.toy_curve()
+        for k, x in panels.items():
+            table[k] = dict(curve_dist=fid.curve_distance(x.numpy(), curve), w2=fid.w2_matching(x.numpy(), clean))
+    elif clean is not None:
+        ref = fid.stats_of(fid.features_of(clean, 'pixel'))
+        for k, x in panels.items():
+            table[k] = dict(pixel_fd=fid.frechet_distance(*fid.stats_of(fid.features_of(x.numpy(), 'pixel')), *ref))
+    if points:
+        bg = pretrain.toy_curve(4000) if data == 'toy' else None
+        tiles = [scatter(x.numpy(), background=bg, title=k) for k, x in panels.items()]
+    else:
+        tiles = []
+        for k, x in panels.items():
+            m = min(64, len(x))
+            tile = grid_image(to_uint8(x[:m])).convert('RGB')
+            scale = max(1, 256 // tile.width)
+            tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+            canvas = Image.new('RGB', (tile.width, tile.height + 18), 'white')
+            canvas.paste(tile, (0, 18))
+            ImageDraw.Draw(canvas).text((4, 3), k, fill=(0, 0, 0))
+            tiles.append(canvas)
+    w, h = tiles[0].size
+    out = Image.new('RGB', (w * len(tiles) + 6 * (len(tiles) - 1), h), 'white')
+    for i, t in enumerate(tiles):
+        out.paste(t, (i * (w + 6), 0))
+    out.save(args.figure)
+    print0(f'wrote {args.figure}')
+    if table:
+        keys = list(next(iter(table.values())))
+        names = dict(curve_dist='mean dist. to clean curve', w2='W2 to clean (1000-pt matching)',
+                     pixel_fd='pixel FD to clean')
+        print0(f'{"sampler":20s}' + ''.join(f'{names[k]:>34s}' for k in keys))
+        for name, row in table.items():
+            print0(f'{name:20s}' + ''.join(f'{row[k]:34.4f}' for k in keys))
+        with open(os.path.splitext(args.figure)[0] + '.json', 'w') as f:
+            json.dump(table, f, indent=2)
+    return table
+
+
+if __name__ == '__main__':
+    main()
