@@ -204,14 +204,18 @@ def main(argv=None):
     snap_steps = max(1, round(cfg['snap'] * 1000 / cfg['batch']))
 
     # Proximal FID needs the statistics of the noisy training set; compute them once, fail early if impossible.
-    noisy_stats = None
-    if cfg['fid_num'] and sigma_n > 0:
+    if cfg['ref']:
+        import fid
+        fid.load_stats(cfg['ref'], cfg['features'])             # a missing or mismatched file fails now, not later
+    noisy_stats = inception = None
+    if cfg['fid_num'] and sigma_n > 0 and rank == 0:
         import fid
         y, _ = noisy_dataset(cfg['data'], sigma_n, teacher_ckpt.get('config', {}).get('seed', 0), args.data_dir,
                              teacher_ckpt.get('config', {}).get('already_noisy', False))
         if y.shape[1:] != shape:
             die(f'--data {cfg["data"]}: shape {y.shape[1:]} does not match the teacher\'s {shape}')
-        noisy_stats = fid.stats_of(fid.features_of(y, cfg['features'], device))
+        inception = fid.load_inception(device=device) if cfg['features'] == 'inception' else None
+        noisy_stats = fid.stats_of(fid.sample_features(y, cfg['features'], device, inception))
         del y
     if rank == 0:
         os.makedirs(cfg['outdir'], exist_ok=True)
@@ -222,36 +226,37 @@ def main(argv=None):
 
     t0, tick_t0, tick = time.time(), time.time(), dict(loss_f=0.0, loss_g=0.0, n=0, bad=0)
     lo = rank * batch_gpu * accum
-    while step < total_steps:
+    while step < total_steps:                                                   # Alg. 1, line 3: repeat
         g = torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + step)     # (seed, step) -> exact resume
         torch.manual_seed(cfg['seed'] * 1_000_003 + step * 7919 + rank)       # dropout
 
-        # ---- fake-net step: f_psi learns the score of the corrupted generator samples ----
-        fake.train().requires_grad_(True)
-        opt_f.zero_grad(set_to_none=True)
-        sig_f = sample_sigma(cfg['batch'], sigma_n, way, g)
-        eps_n, eps_f = torch.randn((cfg['batch'], *shape), generator=g), torch.randn((cfg['batch'], *shape), generator=g)
-        z_all = torch.randn((cfg['batch'], *shape), generator=g)
-        for a in range(accum):
-            sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
-            with torch.no_grad(), autocast():
-                x_g = sample.one_step(G, z_all[sl].to(device), s_init).float()    # Alg. 1, lines 5-6
-            y_g = x_g + sigma_n * eps_n[sl].to(device)                            # Alg. 1, line 8: corrupt
-            ctx = fake_ddp.no_sync() if world > 1 and a < accum - 1 else torch.enable_grad()
-            with ctx, autocast():
-                # Alg. 1, line 9: the teacher's own loss (Eq. 3 or Eq. 1) with y_g in place of the data
-                per = denoising_loss(fake_ddp, y_g, sig_f[sl].to(device), eps_f[sl].to(device), sigma_n, way)
-                per = per.float()
-                ok = per.flatten(1).isfinite().all(1)                            # drop samples with NaNs
-                loss_f = per[ok].sum() / (cfg['batch'] // world)
-            loss_f.backward()
-            tick['loss_f'] += loss_f.item() * (cfg['batch'] // world) / per[0].numel()
-        for p in fake.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        opt_f.step()
+        # Alg. 1, line 4: fake-net step; f_psi learns the score of the corrupted generator samples (D-SDS: none)
+        if method != 'sds':
+            fake.train().requires_grad_(True)
+            opt_f.zero_grad(set_to_none=True)
+            sig_f = sample_sigma(cfg['batch'], sigma_n, way, g)
+            eps_n, eps_f = torch.randn((cfg['batch'], *shape), generator=g), torch.randn((cfg['batch'], *shape), generator=g)
+            z_all = torch.randn((cfg['batch'], *shape), generator=g)
+            for a in range(accum):
+                sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
+                with torch.no_grad(), autocast():
+                    x_g = sample.one_step(G, z_all[sl].to(device), s_init).float()    # Alg. 1, lines 5-6: z -> x_g
+                y_g = x_g + sigma_n * eps_n[sl].to(device)                            # Alg. 1, lines 7-8: corrupt
+                ctx = fake_ddp.no_sync() if world > 1 and a < accum - 1 else torch.enable_grad()
+                with ctx, autocast():
+                    # Alg. 1, line 9: the teacher's own loss (Eq. 3 or Eq. 1) with y_g in place of the data
+                    per = denoising_loss(fake_ddp, y_g, sig_f[sl].to(device), eps_f[sl].to(device), sigma_n, way)
+                    per = per.float()
+                    ok = per.flatten(1).isfinite().all(1)                            # drop samples with NaNs
+                    loss_f = per[ok].sum() / (cfg['batch'] // world)
+                loss_f.backward()
+                tick['loss_f'] += loss_f.item() * (cfg['batch'] // world) / per[0].numel()
+            for p in fake.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+            opt_f.step()
 
-        # ---- generator step ----
+        # Alg. 1, line 10: generator step
         fake.eval().requires_grad_(False)
         opt_g.zero_grad(set_to_none=True)
         sig_g = sid_sigmas(cfg['batch'], g, cfg['tmax'], cfg['sigma_min'])
@@ -282,7 +287,7 @@ def main(argv=None):
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         opt_g.step()
         step += 1
-        update_ema(G_ema, G, ema_beta(cfg['batch'], step * cfg['batch'], cfg['ema'], cfg['ema_rampup']))  # line 13
+        update_ema(G_ema, G, ema_beta(cfg['batch'], step * cfg['batch'], cfg['ema'], cfg['ema_rampup']))  # Alg. 1, line 13
 
         done = step == total_steps
         if step % tick_steps == 0 or done:
@@ -306,43 +311,47 @@ def main(argv=None):
                     f.write(json.dumps(rec) + '\n')
             tick_t0, tick = time.time(), dict(loss_f=0.0, loss_g=0.0, n=0, bad=0)
         if step % snap_steps == 0 or done:
-            best = snapshot(cfg, step, G, fake, G_ema, opt_g, opt_f, teacher_ckpt, noisy_stats, best, device,
-                            rank, world)
-    print0(f'done: {latest}')
+            best = snapshot(cfg, step, G, fake, G_ema, opt_g, opt_f, teacher_ckpt, noisy_stats, inception, best,
+                            device, rank, world)
+    print0(f'done: {latest}')                   # Alg. 1, line 14: the EMA generator is the one-step model
     if world > 1:
         dist.destroy_process_group()
 
 
-def snapshot(cfg, step, G, fake, G_ema, opt_g, opt_f, teacher_ckpt, noisy_stats, best, device, rank, world):
-    """Grid PNG, Proximal FID (and FID with --ref), latest.pt, and best.pt by Proximal FID (Sec. 4.4)."""
+def snapshot(cfg, step, G, fake, G_ema, opt_g, opt_f, teacher_ckpt, noisy_stats, inception, best, device, rank,
+             world):
+    """Rank 0: grid PNG, Proximal FID (and FID with --ref), latest.pt, and best.pt by Proximal FID (Sec. 4.4)."""
     kimg = step * cfg['batch'] / 1000
     ckpt = dict(format='dsd-1', kind='generator', net=G_ema.config, ema=G_ema.state_dict(),
                 sigma_n=cfg['sigma_n'], loss=cfg['way'], sigma_init=cfg['sigma_init'], method=cfg['method'],
                 teacher=teacher_ckpt['net'], data=cfg['data'], kimg=kimg, config=cfg)
     metrics = {}
-    if noisy_stats is not None:
+    if rank == 0 and noisy_stats is not None:
         import fid
-        metrics['proximal_fd'] = fid.proximal(G_ema, ckpt, noisy_stats, cfg['fid_num'], cfg['features'], device)
+        metrics['proximal_fd'] = fid.proximal(G_ema, ckpt, noisy_stats, cfg['fid_num'], cfg['features'], device,
+                                              inception)
         if cfg['ref']:
-            metrics['fid'] = fid.distance_to(G_ema, ckpt, cfg['ref'], cfg['fid_num'], cfg['features'], device)
+            gen = (x for _, x in sample.generate(G_ema, ckpt, list(range(cfg['fid_num'])), 256, device))
+            feats = np.concatenate([fid.sample_features(x, cfg['features'], device, inception) for x in gen])
+            metrics['fid'] = fid.frechet_distance(*fid.stats_of(feats), *fid.load_stats(cfg['ref'], cfg['features']))
     ckpt['metrics'] = metrics
+    score = metrics.get('proximal_fd', math.inf)
     if rank == 0:
-        ckpt_full = dict(ckpt, state=dict(G=G.state_dict(), fake=fake.state_dict(), opt_g=opt_g.state_dict(),
-                                          opt_f=opt_f.state_dict(), step=step,
-                                          best=min(best, metrics.get('proximal_fd', math.inf))))
-        networks.save_checkpoint(os.path.join(cfg['outdir'], 'latest.pt'), ckpt_full)
-        if metrics.get('proximal_fd', math.inf) < best or (best == math.inf and 'proximal_fd' not in metrics):
+        full = dict(ckpt, state=dict(G=G.state_dict(), fake=fake.state_dict(), opt_g=opt_g.state_dict(),
+                                     opt_f=opt_f.state_dict(), step=step, best=min(best, score)))
+        networks.save_checkpoint(os.path.join(cfg['outdir'], 'latest.pt'), full)
+        if score < best or score == best == math.inf:          # without metrics, best.pt is the latest
             networks.save_checkpoint(os.path.join(cfg['outdir'], 'best.pt'), ckpt)
         sample.save_preview(G_ema, ckpt, os.path.join(cfg['outdir'], f'samples-{round(kimg * 1000):09d}img.png'),
                             device)
         label = 'Proximal FID' if cfg['features'] == 'inception' else 'proximal pixel FD'
-        shown = '  '.join(f'{label if k == "proximal_fd" else k} {v:.4f}' for k, v in metrics.items())
-        print0(f'snapshot {kimg:.2f} kimg  {shown}')
+        names = dict(proximal_fd=label, fid='FID' if cfg['features'] == 'inception' else 'pixel FD')
+        print0(f'snapshot {kimg:.2f} kimg  ' + '  '.join(f'{names[k]} {v:.4f}' for k, v in metrics.items()))
         with open(os.path.join(cfg['outdir'], 'metrics.jsonl'), 'a') as f:
             f.write(json.dumps(dict(kimg=kimg, **metrics)) + '\n')
     if world > 1:
         dist.barrier()
-    return min(best, metrics.get('proximal_fd', math.inf))
+    return min(best, score)
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import os
 import sys
+import time
 import urllib.request
 import warnings
 
@@ -43,8 +44,8 @@ def die(msg):
 
 # ----------------------------------------------------------------------------------------------
 # The FID Inception-v3. Attribute names follow the weights file so its state dict loads as is.
-# It differs from the ImageNet Inception-v3 in three places, all inherited from the TF graph:
-# the average pools inside the blocks ignore padded zeros, and the last block max-pools.
+# It differs from torchvision's ImageNet Inception-v3 where the TF graph differs: the average pools inside
+# the blocks ignore padded zeros, the last block (Mixed_7c) max-pools, and the classifier has 1008 classes.
 
 class ConvBN(nn.Module):
     """Conv without bias, batch norm (TF's eps 1e-3), ReLU."""
@@ -55,7 +56,13 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=1e-3)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        if self.training:
+            return F.relu(self.bn(self.conv(x)))
+        # Frozen BN is an affine map per channel: fold it into the conv, saving a pass over the activations.
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return F.relu(F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale,
+                               self.conv.stride, self.conv.padding))
 
 
 def _avg_pool(x):
@@ -200,13 +207,15 @@ class InceptionV3(nn.Module):
         self.Mixed_7b = InceptionE(1280, 'avg')
         self.Mixed_7c = InceptionE(2048, 'max')
         self.fc = nn.Linear(2048, 1008)  # the 1008-way classifier; unused, kept so the file loads strictly
+        # NHWC layout: about 1.5x faster convolutions on CPU (oneDNN); load_state_dict keeps the layout.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
         # Same order of operations as the reference scorer: /255, bilinear resize in [0, 1], then to [-1, 1].
         x = x.to(torch.float32) / 255
         if x.shape[-2:] != (299, 299):
             x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-        x = 2 * x - 1
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -298,7 +307,7 @@ def features(images, batch=64, device='cpu', net=None, kind='inception', verbose
     if kind == 'inception' and net is None:
         net = load_inception(device=device)
     chunks = [images] if isinstance(images, np.ndarray) else images
-    out, done = [], 0
+    out, done, start, last = [], 0, time.time(), time.time()
     for chunk in chunks:
         if not (isinstance(chunk, np.ndarray) and chunk.dtype == np.uint8 and chunk.ndim == 4
                 and chunk.shape[3] in (1, 3)):
@@ -315,8 +324,9 @@ def features(images, batch=64, device='cpu', net=None, kind='inception', verbose
                 with torch.inference_mode():
                     out.append(net(x).cpu().numpy())
             done += len(x)
-        if verbose:
-            print(f'  features of {done} images', file=sys.stderr, flush=True)
+        if verbose and time.time() - last > 30:
+            last = time.time()
+            print(f'  features of {done} images, {done / (last - start):.1f} img/s', file=sys.stderr, flush=True)
     dim = 2048 if kind == 'inception' else 0
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
@@ -389,7 +399,7 @@ def load_stats(path, features='inception'):
         die(f'--ref {path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
     if features is not None and kind != features:
         die(f'--ref {path}: holds {kind} stats but {features} features were asked for; '
-            f'a {LABEL.get(kind, kind)} and a {LABEL[features]} cannot be compared')
+            f'{LABEL.get(kind, kind)} and {LABEL[features]} numbers cannot be compared')
     return mu, sigma
 
 
@@ -543,16 +553,16 @@ def cmd_calc(args, rank, world, device, net, ref):
         for r in range(args.repeats):
             seeds = list(range(r * args.num, (r + 1) * args.num))
             mine = np.array_split(np.array(seeds), world)[rank].tolist()
-            runs.append((f'seeds {seeds[0]}-{seeds[-1]}',
-                         generated_images(sample, gen, ckpt, mine, args.batch, device, sigma_n if args.proximal else 0)))
+            images = generated_images(sample, gen, ckpt, mine, args.batch, device, sigma_n if args.proximal else 0)
+            runs.append((f'seeds {seeds[0]}-{seeds[-1]}', images))
     values = []
     for what, source in runs:
         feats = gather_rows(features(source, args.batch, device, net, args.features, verbose=rank == 0), world, device)
         if rank == 0:
-            mu, sigma = stats_of(feats)
-            if mu.shape != ref[0].shape:
-                die(f'--ref {args.ref}: has {len(ref[0])}-d stats but the images give {len(mu)}-d '
+            if feats.shape[1] != len(ref[0]):
+                die(f'--ref {args.ref}: has {len(ref[0])}-d stats but the images give {feats.shape[1]}-d '
                     f'{args.features} features (pixel stats need images of the same size)')
+            mu, sigma = stats_of(feats)
             values.append(frechet_distance(mu, sigma, *ref))
             print(f'{label} {values[-1]:.4f}  ({what} vs {args.ref})', flush=True)
     if rank == 0 and len(values) > 1:
@@ -563,7 +573,8 @@ def cmd_calc(args, rank, world, device, net, ref):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog='\n'.join(__doc__.split('\n')[-7:]))
+                                epilog='examples:\n' + '\n'.join(l for l in __doc__.split('\n')
+                                                                  if l.startswith(('    python', '    torchrun'))))
     sub = p.add_subparsers(dest='cmd', required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--features', choices=list(LABEL), default=None,
@@ -588,7 +599,8 @@ def parse_args(argv=None):
     src.add_argument('--images', help='folder of images (searched recursively) or .npz with uint8 NHWC "samples"')
     src.add_argument('--net', help='generator checkpoint: generate the samples here, one step each')
     c.add_argument('--ref', required=True, help='reference stats .npz (from `fid.py ref`, EDM or pytorch-fid)')
-    c.add_argument('--num', type=int, default=None, help='number of samples (default: all images; 50000 for --net)')
+    c.add_argument('--num', type=int, default=None, help='number of samples: the first NUM images in sorted order '
+                   '(default: all), or seeds 0..NUM-1 for --net (default 50000)')
     c.add_argument('--proximal', action='store_true', help='corrupt the samples with the checkpoint\'s sigma_n '
                    'before scoring, to compare against `ref --sigma` stats of the noisy training set')
     c.add_argument('--repeats', type=int, default=1, help='with --net: runs on seeds 0..num-1, num..2num-1, ...; '
@@ -616,7 +628,9 @@ def main(argv=None):
     rank, world, device = init_distributed(args.device)
     net = load_inception(args.inception, device) if args.features == 'inception' else None
     try:
-        return cmd_ref(args, rank, world, device, net) if args.cmd == 'ref' else cmd_calc(args, rank, world, device, net, ref)
+        if args.cmd == 'ref':
+            return cmd_ref(args, rank, world, device, net)
+        return cmd_calc(args, rank, world, device, net, ref)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -624,3 +638,42 @@ def main(argv=None):
 
 if __name__ == '__main__':
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics of samples in model units (used by distill.py's snapshots and sample.py's figures).
+
+def sample_features(x, kind='inception', device='cpu', net=None):
+    """Images NCHW in [-1, 1] go through the uint8 path above; points (N, D) are their own features."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim == 2:
+        return x.astype(np.float64)
+    return features(to_uint8(x), device=device, net=net, kind=kind)
+
+
+def proximal(net, ckpt, noisy_stats, num, kind='inception', device='cpu', inception=None, batch=256):
+    """Proximal FID (Sec. 4.4): corrupt `num` generated samples with sigma_n exactly as the data was corrupted
+    (noise of sample s from (0, s)), then the Fréchet distance to the statistics of the noisy training set."""
+    import pretrain
+    import sample
+    parts = []
+    for seeds, x in sample.generate(net, ckpt, list(range(num)), batch, device):
+        y = pretrain.make_noisy(x.numpy(), ckpt['sigma_n'], seed=0, index=seeds)
+        parts.append(sample_features(y, kind, device, inception))
+    return frechet_distance(*stats_of(np.concatenate(parts)), *noisy_stats)
+
+
+def curve_distance(points, curve):
+    """Mean distance from each point to a densely sampled clean support (the toy set's curve)."""
+    from scipy.spatial import cKDTree
+    return float(cKDTree(np.asarray(curve, np.float64)).query(np.asarray(points, np.float64))[0].mean())
+
+
+def w2_matching(a, b):
+    """Wasserstein-2 distance between two equal-size point sets by exact optimal matching (~1000 points)."""
+    from scipy.optimize import linear_sum_assignment
+    n = min(len(a), len(b))
+    a, b = np.asarray(a[:n], np.float64), np.asarray(b[:n], np.float64)
+    cost = ((a[:, None] - b[None]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(cost)
+    return float(np.sqrt(cost[rows, cols].mean()))

@@ -94,9 +94,11 @@ class UNetBlock(nn.Module):
         if self.attention:
             n, c, hh, ww = x.shape
             # qkv channels are interleaved (c0q, c0k, c0v, c1q, ...) as in EDM's layout
-            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).transpose(1, 3).unbind(2)
-            a = F.scaled_dot_product_attention(q, k, v)  # (n, hw, c), softmax over keys, scale 1/sqrt(c)
-            x = self.proj(a.transpose(1, 2).reshape(n, c, hh, ww)).add_(x).mul_(SKIP_SCALE)
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
+            # softmax over keys of q.k/sqrt(c); bmm on these strided views saves no copies for backward
+            w = torch.baddbmm(q.new_empty(()), q.transpose(1, 2), k, beta=0, alpha=c ** -0.5).softmax(dim=2)
+            a = torch.bmm(v, w.transpose(1, 2))  # (n, c, hw)
+            x = self.proj(a.reshape(n, c, hh, ww)).add_(x).mul_(SKIP_SCALE)
         return x
 
 class SongUNet(nn.Module):
@@ -208,7 +210,9 @@ class EDMPrecond(nn.Module):
         self.register_load_state_dict_pre_hook(_drop_resample_filters)
 
     def forward(self, x, sigma, augment_labels=None):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # fp32 throughout (as EDM); fp64 only when both the input and the weights are fp64 (exactness checks)
+        double = x.dtype == torch.float64 and next(self.parameters()).dtype == torch.float64
+        dtype = torch.float64 if double else torch.float32
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device).reshape(-1)
         if sigma.numel() == 1:
@@ -248,9 +252,9 @@ PRESETS = dict(
     tiny=dict(net=dict(img_resolution=16, img_channels=3, model_channels=32, channel_mult=[1, 2], num_blocks=1,
                        attn_resolutions=[8], dropout=0.0, augment_dim=9, arch='songunet'),
               train=dict(batch=64, lr=1e-3, kimg=40, warmup=2, ema=2, ema_rampup=0.05, augment=0.0)),
-    toy=dict(net=dict(img_resolution=0, img_channels=2, model_channels=256, channel_mult=[1], num_blocks=4,
+    toy=dict(net=dict(img_resolution=0, img_channels=2, model_channels=128, channel_mult=[1], num_blocks=3,
                       attn_resolutions=[], dropout=0.0, augment_dim=0, arch='mlp'),
-             train=dict(batch=512, lr=1e-3, kimg=3000, warmup=100, ema=50, ema_rampup=0.05, augment=0.0)),
+             train=dict(batch=512, lr=1e-3, kimg=1000, warmup=50, ema=50, ema_rampup=0.05, augment=0.0)),
 )
 
 _NET_KEYS = ('img_resolution', 'img_channels', 'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
@@ -481,7 +485,8 @@ def _ddpmpp_config(ema):
     if mods.get('map_label') is not None:
         raise _Refused(f'class-conditional network (map_label); {only}, unconditional')
     noise = mods.get('map_noise')
-    if noise is None or noise.class_name != 'PositionalEmbedding' or not noise.state.get('endpoint', True):
+    if (noise is None or noise.class_name != 'PositionalEmbedding' or not noise.state.get('endpoint', True)
+            or noise.state.get('max_positions', 10000) != 10000):
         raise _Refused(f"SongUNet with {noise.class_name if noise else 'no'} noise embedding (NCSN++); {only}")
     if 'enc' not in mods or 'dec' not in mods:
         raise _Refused(f'SongUNet without enc/dec; {only}')

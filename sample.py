@@ -67,11 +67,11 @@ def heun_sampler(net, z, steps=18, sigma_stop=None, sigma_min=0.002, sigma_max=8
     denoise = lambda x, s: net(x.float(), s.float().expand(len(x))).double()
     for i in range(steps):                                                     # Alg. 3, line 4
         t_cur, t_next = t[i], t[i + 1]
-        if sigma_stop is not None and t_next < sigma_stop:                     # Alg. 3, line 8: truncate
+        if sigma_stop is not None and t_next < sigma_stop:                     # Alg. 3, line 5: Ambient-Truncated
             return denoise(x, t_cur).float()
-        d = (x - denoise(x, t_cur)) / t_cur                                    # Alg. 3, line 5
-        x_next = x + (t_next - t_cur) * d                                      # Alg. 3, line 6: Euler step
-        if t_next > 0:                                                         # Alg. 3, line 7: Heun correction
+        d = (x - denoise(x, t_cur)) / t_cur                                    # Alg. 3, line 6
+        x_next = x + (t_next - t_cur) * d                                      # Alg. 3, line 7: Euler step
+        if t_next > 0:                                                         # Alg. 3, line 8: Heun correction
             x_next = x + (t_next - t_cur) * 0.5 * (d + (x_next - denoise(x_next, t_next)) / t_next)
         x = x_next
     return x.float()                                                           # Alg. 3, line 9: Ambient-Full
@@ -123,15 +123,17 @@ def save_grid(images_u8, path):
     grid_image(images_u8).save(path)
 
 
-def scatter(points, size=320, lim=2.2, background=None, colour=(30, 90, 200), title=None):
+def scatter(points, size=320, lim=1.9, background=None, colour=(30, 90, 200), title=None):
     """A 2-D point cloud as a Pillow image (the first two coordinates), on [-lim, lim]^2."""
     from PIL import Image, ImageDraw
     img = Image.new('RGB', (size, size), 'white')
     draw = ImageDraw.Draw(img)
     to_px = lambda p: ((p[:, 0] + lim) / (2 * lim) * (size - 1), (lim - p[:, 1]) / (2 * lim) * (size - 1))
-    if background is not None:
-        for x, y in zip(*to_px(np.asarray(background))):
-            draw.point((x, y), fill=(215, 215, 215))
+    if background is not None:                         # the clean support, as a faint line
+        bg = np.asarray(background)
+        px, py = to_px(bg)
+        for i in np.flatnonzero(np.hypot(*(bg[1:] - bg[:-1]).T) < 0.05):
+            draw.line((px[i], py[i], px[i + 1], py[i + 1]), fill=(190, 190, 190), width=6)
     for x, y in zip(*to_px(np.asarray(points))):
         draw.rectangle((x - 1, y - 1, x + 1, y + 1), fill=colour)
     draw.rectangle((0, 0, size - 1, size - 1), outline=(120, 120, 120))
@@ -254,9 +256,9 @@ def figure(args, net, ckpt, device):
         for k, x in panels.items():
             table[k] = dict(curve_dist=fid.curve_distance(x.numpy(), curve), w2=fid.w2_matching(x.numpy(), clean))
     elif clean is not None:
-        ref = fid.stats_of(fid.features_of(clean, 'pixel'))
+        ref = fid.stats_of(fid.sample_features(clean, 'pixel'))
         for k, x in panels.items():
-            table[k] = dict(pixel_fd=fid.frechet_distance(*fid.stats_of(fid.features_of(x.numpy(), 'pixel')), *ref))
+            table[k] = dict(pixel_fd=fid.frechet_distance(*fid.stats_of(fid.sample_features(x, 'pixel')), *ref))
     if points:
         bg = pretrain.toy_curve(4000) if data == 'toy' else None
         tiles = [scatter(x.numpy(), background=bg, title=k) for k, x in panels.items()]
