@@ -29,7 +29,7 @@ RECIPES = {
     'cifar10': dict(lr=1e-5, glr=1e-5, batch=256, kimg=100000, ema=500, tick=50, snap=2000, fid_num=50000),
     'ffhq64': dict(lr=1e-5, glr=1e-5, batch=256, kimg=15000, ema=500, tick=50, snap=1000, fid_num=50000),
     'tiny': dict(lr=1e-4, glr=1e-4, batch=32, kimg=16, ema=500, tick=1, snap=4, fid_num=2000),
-    'toy': dict(lr=1e-4, glr=1e-4, batch=256, kimg=1280, ema=500, tick=64, snap=256, fid_num=5000),
+    'toy': dict(lr=1e-4, glr=1e-4, batch=256, kimg=512, ema=500, tick=32, snap=128, fid_num=2000),
 }
 RECIPES['afhq64'] = RECIPES['celebahq64'] = RECIPES['ffhq64']
 

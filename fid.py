@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
+WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'  # the name holds its first 8
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 LABEL = {'inception': 'FID', 'pixel': 'pixel FD'}
 
@@ -226,12 +227,12 @@ class InceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-def _sha256_prefix(path):
+def _sha256(path):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
-    return h.hexdigest()[:8]
+    return h.hexdigest()
 
 
 def find_weights(path=None, download=True, timeout=60):
@@ -256,8 +257,7 @@ def find_weights(path=None, download=True, timeout=60):
             with urllib.request.urlopen(WEIGHTS_URL, timeout=timeout) as r, open(tmp, 'wb') as f:
                 for chunk in iter(lambda: r.read(1 << 20), b''):
                     f.write(chunk)
-            # The file name carries the first 8 hex digits of its sha256: a cheap check against a broken transfer.
-            if _sha256_prefix(tmp) != WEIGHTS_NAME.split('-')[-1].split('.')[0]:
+            if _sha256(tmp) != WEIGHTS_SHA256:  # a broken or wrong transfer never lands in the cache
                 raise OSError('sha256 mismatch')
             os.replace(tmp, dest)
             return dest
@@ -495,11 +495,11 @@ def gather_rows(x, world, device):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-def generated_images(sample, net, ckpt, seeds, batch, device, sigma_n=None):
-    """uint8 NHWC batches of one-step samples for `seeds`; with sigma_n, corrupted like the training data
-    (noise of sample `s` from (0, s)) before the uint8 conversion: proximal FID."""
+def generated_images(sample, net, ckpt, seeds, batch, device, sigma_n=None, mode=None, steps=None):
+    """uint8 NHWC batches of samples for `seeds` (one step for generators; Heun in `mode` for teachers); with
+    sigma_n, corrupted like the training data (noise of sample `s` from (0, s)) before the uint8 conversion."""
     import pretrain
-    for seed_list, x in sample.generate(net, ckpt, seeds, batch, device):
+    for seed_list, x in sample.generate(net, ckpt, seeds, batch, device, mode, steps):
         x = x.detach().cpu().float().numpy()
         if sigma_n:
             x = pretrain.make_noisy(x, sigma_n, seed=0, index=seed_list)
@@ -526,6 +526,8 @@ def cmd_ref(args, rank, world, device, net):
 def cmd_calc(args, rank, world, device, net, ref):
     label = ('proximal ' if args.proximal else '') + LABEL[args.features]
     if args.images:
+        if not os.path.exists(args.images):
+            die(f'--images {args.images}: no such folder or .npz file')
         if args.proximal or args.repeats != 1:
             die('--proximal and --repeats need --net (samples generated here with known seeds)')
         if args.images.endswith('.npz'):
@@ -553,7 +555,8 @@ def cmd_calc(args, rank, world, device, net, ref):
         for r in range(args.repeats):
             seeds = list(range(r * args.num, (r + 1) * args.num))
             mine = np.array_split(np.array(seeds), world)[rank].tolist()
-            images = generated_images(sample, gen, ckpt, mine, args.batch, device, sigma_n if args.proximal else 0)
+            images = generated_images(sample, gen, ckpt, mine, args.batch, device, sigma_n if args.proximal else 0,
+                                      args.mode, args.steps)
             runs.append((f'seeds {seeds[0]}-{seeds[-1]}', images))
     values = []
     for what, source in runs:
@@ -597,7 +600,10 @@ def parse_args(argv=None):
     c = sub.add_parser('calc', parents=[common], help='FID of saved or generated samples against a stats file')
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument('--images', help='folder of images (searched recursively) or .npz with uint8 NHWC "samples"')
-    src.add_argument('--net', help='generator checkpoint: generate the samples here, one step each')
+    src.add_argument('--net', help='generator or teacher checkpoint: generate the samples here (no files written)')
+    c.add_argument('--mode', choices=['full', 'truncated'], default=None,
+                   help='teachers: Ambient-Full or Ambient-Truncated (default) sampling, as in sample.py')
+    c.add_argument('--steps', type=int, default=None, help='teachers: Heun steps (18 at 32x32, 40 at 64x64)')
     c.add_argument('--ref', required=True, help='reference stats .npz (from `fid.py ref`, EDM or pytorch-fid)')
     c.add_argument('--num', type=int, default=None, help='number of samples: the first NUM images in sorted order '
                    '(default: all), or seeds 0..NUM-1 for --net (default 50000)')

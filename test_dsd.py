@@ -1,5 +1,6 @@
 """The test suite: CPU only, tiny configs, fixed seeds, no network.  Run: python -m pytest -q test_dsd.py"""
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -1264,3 +1265,241 @@ def test_theory_algorithm1_ways_recover_clean_gaussian(way):
     assert angle < 5
     assert rel < 0.05
     assert w2_dist < 0.2 * exp_dist < w2_noisy
+
+
+# ------------------------------------------------------------------------------------------------
+# The quick start at reduced length: the paper's Fig. 4 claim on the toy set
+
+def test_toy_quickstart_dsd_is_closer_to_the_clean_data_than_ambient_full(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                  # runs/ lands here, found by convention
+    pretrain.main(['--data', 'toy', '--kimg', '300', '--snap', '300', '--device', 'cpu'])
+    distill.main(['--data', 'toy', '--kimg', '128', '--snap', '64', '--device', 'cpu'])
+    table = sample.main(['--net', 'runs/pretrain-toy-sigma0.2/latest.pt', '--generator',
+                         'runs/distill-toy-sigma0.2/best.pt', '--figure', 'fig4.png', '--device', 'cpu'])
+    from PIL import Image
+    assert Image.open('fig4.png').size[0] > 4 * 300
+    full, trunc, dsd, noisy = (table[k] for k in ('Ambient-Full', 'Ambient-Truncated', 'DSD (one step)', 'noisy data'))
+    print(json.dumps(table, indent=1))
+    assert dsd['curve_dist'] < 0.8 * full['curve_dist']          # cleaner than the teacher's full sampler
+    assert dsd['curve_dist'] < 0.8 * noisy['curve_dist']         # and than the data it learned from
+    assert dsd['w2'] < full['w2'] and dsd['w2'] < noisy['w2']    # without collapsing onto a few points
+    assert trunc['curve_dist'] < full['curve_dist']
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise-level estimation (pretrain.py --sigma auto, --estimate-sigma)
+estimate_sigma = pretrain.estimate_sigma
+
+SIGMAS = (0.05, 0.1, 0.2, 0.4)
+
+
+# ----------------------------------------------------------------------------- data
+def _to_unit(img01: np.ndarray) -> np.ndarray:
+    u8 = np.clip(np.round(img01 * 255.0), 0, 255).astype(np.uint8)
+    return (u8.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def _random_field(rng, n, size, beta):
+    """n real fields (n, size, size) with amplitude spectrum ~ f^-beta, unit std."""
+    big = size + size // 2  # generate larger and crop: little periodic wrap-around
+    fy = np.fft.fftfreq(big)[:, None]
+    fx = np.fft.rfftfreq(big)[None, :]
+    f = np.sqrt(fx ** 2 + fy ** 2)
+    f[0, 0] = 1.0
+    amp = f[None] ** (-np.asarray(beta, dtype=np.float64)[:, None, None])
+    amp[:, 0, 0] = 0.0
+    white = np.fft.rfft2(rng.standard_normal((n, big, big), dtype=np.float32))
+    g = np.fft.irfft2(white * amp, s=(big, big))[:, :size, :size]
+    g -= g.mean((1, 2), keepdims=True)
+    g /= g.std((1, 2), keepdims=True) + 1e-12
+    return g
+
+
+def _shape_masks(rng, n, size, kind):
+    """(n, size, size) boolean masks of random shapes of one kind (pixel-centre sampling)."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    yy, xx = yy[None], xx[None]
+    col = lambda v: v[:, None, None]  # noqa: E731
+    cy, cx = col(rng.uniform(0.15, 0.85, n) * size), col(rng.uniform(0.15, 0.85, n) * size)
+    dy, dx = yy - cy, xx - cx
+    th = col(rng.uniform(0, np.pi, n))
+    if kind in ("ellipse", "circle"):
+        ry = col(rng.uniform(0.1, 0.35, n) * size)
+        rx = ry if kind == "circle" else col(rng.uniform(0.1, 0.35, n) * size)
+        a = (dx * np.cos(th) + dy * np.sin(th)) / rx
+        b = (-dx * np.sin(th) + dy * np.cos(th)) / ry
+        return a ** 2 + b ** 2 <= 1.0
+    if kind in ("box", "square"):
+        hy = col(rng.uniform(0.1, 0.35, n) * size)
+        hx = hy if kind == "square" else col(rng.uniform(0.1, 0.35, n) * size)
+        if kind == "square":
+            th = np.zeros_like(th)
+        a = dx * np.cos(th) + dy * np.sin(th)
+        b = -dx * np.sin(th) + dy * np.cos(th)
+        return (np.abs(a) <= hx) & (np.abs(b) <= hy)
+    if kind == "bar":
+        w = col(rng.uniform(0.03, 0.08, n) * size)
+        return np.abs(dx * np.sin(th) - dy * np.cos(th)) <= w
+    if kind == "triangle":
+        rad = rng.uniform(0.15, 0.4, n) * size
+        ang = rng.uniform(0, 2 * np.pi, n)[:, None] + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])[None] \
+            + rng.uniform(-0.3, 0.3, (n, 3))
+        vx, vy = cx[:, 0, 0, None] + rad[:, None] * np.cos(ang), cy[:, 0, 0, None] + rad[:, None] * np.sin(ang)
+        inside = np.ones((n, size, size), bool)
+        for i in range(3):
+            j, k = (i + 1) % 3, (i + 2) % 3
+            x1, y1, x2, y2 = col(vx[:, i]), col(vy[:, i]), col(vx[:, j]), col(vy[:, j])
+            s_pt = (x2 - x1) * (yy - y1) - (y2 - y1) * (xx - x1)
+            s_opp = (x2 - x1) * (col(vy[:, k]) - y1) - (y2 - y1) * (col(vx[:, k]) - x1)
+            inside &= s_pt * np.sign(s_opp) >= 0
+        return inside
+    raise ValueError(kind)
+
+
+def _paint(rng, img, kinds, size, n_shapes, shade=0.0):
+    """Paint up to n_shapes[i] random shapes of random colour into img (n, 3, size, size)."""
+    n = img.shape[0]
+    for slot in range(int(n_shapes.max())):
+        kind_idx = rng.integers(0, len(kinds), n)
+        colour = rng.uniform(0, 1, (n, 3))
+        ramp = 1.0 + shade * rng.uniform(-1, 1, n)[:, None, None] * (np.arange(size) / size - 0.5)[None, None, :]
+        for ki, kind in enumerate(kinds):
+            sel = np.nonzero((kind_idx == ki) & (slot < n_shapes))[0]
+            if sel.size == 0:
+                continue
+            m = _shape_masks(rng, sel.size, size, kind)
+            fill = colour[sel][:, :, None, None] * ramp[sel][:, None]
+            img[sel] = np.where(m[:, None], fill, img[sel])
+    return img
+
+
+@functools.lru_cache(maxsize=None)
+def cifar_like(n: int = 2000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    S, up = 32, 2  # shapes are rendered at 2x and box-downsampled (anti-aliased, like CIFAR)
+    fields = _random_field(rng, 3 * n, S, rng.uniform(1.5, 2.5, 3 * n)).reshape(n, 3, S, S)
+    base = rng.uniform(0.2, 0.8, (n, 3, 1, 1))
+    lum = rng.uniform(0.05, 0.2, (n, 1, 1, 1))          # shared (luminance) texture
+    mix = rng.normal(0, 0.04, (n, 3, 3))                 # weaker colour texture
+    img = base + lum * fields[:, :1] + np.einsum("ncd,ndhw->nchw", mix, fields)
+    hi = np.repeat(np.repeat(img, up, 2), up, 3)
+    hi = _paint(rng, hi, ("ellipse", "box", "triangle", "bar"), S * up, rng.integers(1, 5, n), shade=0.3)
+    img = hi.reshape(n, 3, S, up, S, up).mean((3, 5))
+    return _to_unit(np.clip(img, 0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def shapes16(n: int = 5000, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    S = 16
+    ramp = (np.arange(S) + 0.5) / S - 0.5
+    th = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+    grad = np.cos(th) * ramp[None, None, :] + np.sin(th) * ramp[None, :, None]   # n, S, S
+    slope = rng.uniform(-0.5, 0.5, (n, 3)) * (rng.random(n) < 0.5)[:, None]    # half plain, half gradient
+    img = rng.uniform(0, 1, (n, 3))[:, :, None, None] + slope[:, :, None, None] * grad[:, None]
+    img = _paint(rng, img, ("circle", "square", "triangle"), S, np.ones(n, int))
+    return _to_unit(np.clip(img, 0, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def curve_points(n: int = 10000, seed: int = 2) -> np.ndarray:
+    """8 Gaussian modes (std 0.5 along the curve, spacing 2.5) on y = 3 sin(pi x / 10)."""
+    rng = np.random.default_rng(seed)
+    centres = np.linspace(-8.75, 8.75, 8)
+    t = centres[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal(n)
+    return np.stack([t, 3.0 * np.sin(np.pi * t / 10.0)], 1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def short_pieces(n: int = 10000, seed: int = 3) -> np.ndarray:
+    """6 short arcs (length 0.3, uniform) on a circle of radius 1.5: at sigma ~ 0.2 every piece
+    is a blob about as wide as long (local neighbourhoods fail; mode-level estimate needed)."""
+    rng = np.random.default_rng(seed)
+    ang = 2 * np.pi * rng.integers(0, 6, n) / 6 + (rng.random(n) - 0.5) * 0.3 / 1.5
+    return np.stack([1.5 * np.cos(ang), 1.5 * np.sin(ang)], 1).astype(np.float32)
+
+
+def add_noise(x: np.ndarray, sigma: float, seed: int = 123) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (x + sigma * rng.standard_normal(x.shape)).astype(np.float32)
+
+
+DATASETS = {"cifar_like": cifar_like, "shapes16": shapes16, "curve2d": curve_points, "pieces2d": short_pieces,
+            "builtin_shapes": lambda: pretrain.load_data("shapes")[0][:5000],
+            "builtin_toy": lambda: pretrain.load_data("toy")[0][:10000]}
+
+
+# ----------------------------------------------------------------------------- tests
+def _cases():
+    for name in DATASETS:
+        for sigma in SIGMAS:
+            if name == "pieces2d" and sigma > 0.2:  # pieces 0.3 long, 1.5 apart: 0.4 merges them
+                continue
+            yield name, sigma
+
+
+@pytest.mark.parametrize("name,sigma", list(_cases()))
+def test_sigma_relative_error(name, sigma):
+    x = add_noise(DATASETS[name](), sigma)
+    out = estimate_sigma(x, seed=0)
+    assert set(out) >= {"sigma", "std", "method", "n"}
+    rel = abs(out["sigma"] - sigma) / sigma
+    assert rel < 0.10, (name, sigma, out)
+    assert not out["no_noise"]
+    assert np.isfinite(out["std"]) and out["std"] < 0.1 * sigma
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_sigma_clean_data_near_zero(name):
+    out = estimate_sigma(DATASETS[name](), seed=0)
+    assert out["sigma"] < 0.01, out
+    assert out["no_noise"]
+
+
+def test_sigma_deterministic_and_torch_input():
+    import torch
+
+    x = add_noise(shapes16(), 0.1)
+    a = estimate_sigma(x, seed=3)
+    b = estimate_sigma(torch.from_numpy(x), seed=3)
+    assert a["sigma"] == b["sigma"]
+
+
+def test_sigma_higher_dim_points():
+    # 1-D helix in 3-D (two noise-only normal directions)
+    rng = np.random.default_rng(5)
+    t = rng.uniform(0, 4 * np.pi, 8000)
+    clean = np.stack([2 * np.cos(t), 2 * np.sin(t), 0.5 * t], 1).astype(np.float32)
+    for s in (0.05, 0.2):
+        out = estimate_sigma(add_noise(clean, s), seed=0)
+        assert abs(out["sigma"] - s) / s < 0.10, out
+
+
+def test_sigma_tight_modes_give_their_width():
+    # 8 tight isotropic modes (std 0.02): intrinsic dim 0, estimate = sqrt(sigma^2 + 0.02^2)
+    rng = np.random.default_rng(4)
+    ang = 2 * np.pi * rng.integers(0, 8, 10000) / 8
+    clean = np.stack([2 * np.cos(ang), 2 * np.sin(ang)], 1) + 0.02 * rng.standard_normal((10000, 2))
+    for s in (0.05, 0.2):
+        out = estimate_sigma(add_noise(clean, s), seed=0)
+        assert abs(out["sigma"] - np.hypot(s, 0.02)) / s < 0.10, out
+
+
+def test_sigma_few_images():
+    for k in (3, 30):
+        out = estimate_sigma(add_noise(shapes16()[:k], 0.1), seed=0)
+        assert abs(out["sigma"] - 0.1) < 0.01, (k, out)
+
+
+def test_sigma_auto_and_estimate_sigma_flags(tmp_path, capsys):
+    y = pretrain.make_noisy(pretrain.load_data('shapes')[0][:3000], 0.1, seed=5)
+    np.save(tmp_path / 'noisy.npy', y)
+    pretrain.main(['--data', str(tmp_path / 'noisy.npy'), '--already-noisy', '--estimate-sigma'])
+    out = capsys.readouterr().out
+    assert re.search(r'estimated sigma_n = 0\.(09|10|11)\d* \+- ', out), out
+    pretrain.main(['--data', str(tmp_path / 'noisy.npy'), '--already-noisy', '--sigma', 'auto', '--kimg', '0.064',
+                   '--batch', '32', '--outdir', str(tmp_path / 'run'), '--device', 'cpu'])
+    ck = networks.load_checkpoint(str(tmp_path / 'run' / 'latest.pt'))
+    assert abs(ck['sigma_n'] - 0.1) < 0.01 and ck['config']['sigma_estimate']['method'].startswith('images')
+    with pytest.raises(SystemExit, match='--already-noisy'):
+        pretrain.main(['--data', 'shapes', '--sigma', 'auto'])
