@@ -19,6 +19,7 @@ files record which kind they hold, so the two are never mixed.
     torchrun --standalone --nproc_per_node=8 fid.py calc --net gen.pt --ref refs/cifar10.npz
 """
 import argparse
+import json
 import hashlib
 import os
 import sys
@@ -588,6 +589,7 @@ def parse_args(argv=None):
     common.add_argument('--batch', type=int, default=64, help='images per forward pass (default 64)')
     common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='torch device (default cuda if available)')
+    common.add_argument('--dry-run', action='store_true', help='print the resolved configuration and exit')
 
     r = sub.add_parser('ref', parents=[common], help='stats of a data set (clean, or the fixed noisy set)')
     r.add_argument('--data', required=True, help='data set name or path, as for pretrain.py (cifar10, a folder, ...)')
@@ -631,6 +633,9 @@ def main(argv=None):
         ref = load_stats(args.ref, args.features)  # fail on a bad --ref before any work
     else:
         args.features = args.features or 'inception'
+    if args.dry_run:
+        print(json.dumps(vars(args), indent=2))
+        return
     rank, world, device = init_distributed(args.device)
     net = load_inception(args.inception, device) if args.features == 'inception' else None
     try:
@@ -641,9 +646,6 @@ def main(argv=None):
         if world > 1:
             torch.distributed.destroy_process_group()
 
-
-if __name__ == '__main__':
-    main()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,3 +685,7 @@ def w2_matching(a, b):
     cost = ((a[:, None] - b[None]) ** 2).sum(-1)
     rows, cols = linear_sum_assignment(cost)
     return float(np.sqrt(cost[rows, cols].mean()))
+
+
+if __name__ == '__main__':
+    main()

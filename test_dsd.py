@@ -1503,3 +1503,25 @@ def test_sigma_auto_and_estimate_sigma_flags(tmp_path, capsys):
     assert abs(ck['sigma_n'] - 0.1) < 0.01 and ck['config']['sigma_estimate']['method'].startswith('images')
     with pytest.raises(SystemExit, match='--already-noisy'):
         pretrain.main(['--data', 'shapes', '--sigma', 'auto'])
+
+
+def test_every_script_answers_help_with_the_papers_names_and_dry_run(tmp_path, capsys, toy_teacher):
+    names = {pretrain.main: ['--sigma', '--loss', '--preset', '--kimg', '--batch-gpu', '--augment', '--ema'],
+             distill.main: ['--sigma', '--alpha', '--tmax', '--sigma-init', '--method', '--way', '--glr', '--lsg'],
+             sample.main: ['--net', '--mode', '--steps', '--seeds', '--figure'],
+             fid.main: ['ref', 'calc']}
+    for main, flags in names.items():
+        with pytest.raises(SystemExit) as e:
+            main(['--help'])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert all(f in out for f in flags), (main.__module__, out)
+    pretrain.main(['--data', 'toy', '--sigma', '0.3', '--kimg', '7', '--dry-run'])
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg['config']['sigma_n'] == 0.3 and cfg['config']['kimg'] == 7 and cfg['config']['preset'] == 'toy'
+    assert cfg['config']['lr'] == networks.PRESETS['toy']['train']['lr']
+    distill.main(['--teacher', toy_teacher, '--data', 'toy', '--alpha', '1.0', '--dry-run'])
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg['config']['alpha'] == 1.0 and cfg['config']['method'] == 'sid' and cfg['config']['sigma_n'] == 0.2
+    sample.main(['--net', toy_teacher, '--seeds', '0-9', '--dry-run'])
+    assert 'truncated' in capsys.readouterr().out
