@@ -589,24 +589,32 @@ def main(argv=None):
 # Noise-level estimation for data whose sigma_n nobody told us (--sigma auto, --estimate-sigma).
 # Blind estimation of the std of additive i.i.d. Gaussian noise in a data set.
 #
-# estimate_sigma(x, seed=0) -> dict(sigma, std, method, n, ...)
+# estimate_sigma(x, seed=0) -> dict(sigma, std, method, n, no_noise, ...)
 #
-# * images, NCHW (or NHW): patch-PCA estimator of Chen, Zhu & Heng,
-#   "An Efficient Statistical Method for Image Noise Level Estimation", ICCV 2015.
-#   Random p x p x C patches -> covariance -> eigenvalues; the noise-only
-#   ("redundant") dimensions are the largest tail-free subset of the smallest
-#   eigenvalues whose mean is (no longer above) its median; sigma^2 = that mean.
-# * points, (N, D): local PCA.  For random query points a tangent frame is taken from
-#   the PCA of their neighbourhood (scipy cKDTree); the coordinate along the smallest
-#   principal direction (the normal) is regressed on a quadratic in the tangent
-#   coordinates inside a slab around the query, and the pooled residuals give
-#   sigma (robust MAD, then a truncated-variance refinement).  The neighbourhood
-#   size is chosen self-consistently (slab half-length 4 sigma, half-width 5 sigma),
-#   so the estimate is neither truncated by a too-small ball nor inflated by
-#   curvature.  Assumes intrinsic dimension < D (at least one noise-only normal).
+# * images, NCHW (or NHW): the patch-PCA estimator of Chen, Zhu & Heng, "An Efficient
+#   Statistical Method for Image Noise Level Estimation", ICCV 2015: eigenvalues of the
+#   covariance of random patches; the noise-only ("redundant") dimensions are the largest
+#   set of smallest eigenvalues whose mean is not above their median; sigma^2 = their mean.
+#   Two additions keep it unbiased on data sets with strong edges and on small samples:
+#   - weak-texture patches only (iterated threshold on texture, in the spirit of Liu, Tanaka &
+#     Okutomi 2013), with texture measured on the 2x2-Haar LL part of a patch and Chen's rule
+#     run on the Haar detail part, whose noise is independent of the LL noise -- so the
+#     selection cannot pick low-noise patches;
+#   - the median is compared with the Marchenko-Pastur (finite-sample) median of pure noise.
+# * points, (N, D): two estimates, the smaller is kept (both are only ever inflated when their
+#   geometric picture is wrong):
+#   - local PCA: for random query points a tangent frame from the PCA of the neighbourhood
+#     (scipy cKDTree); the coordinate along the smallest principal direction is regressed on a
+#     quadratic in the tangent coordinates inside a slab |u| <= 3 sigma, |v| <= 3.5 sigma, with
+#     the slab size found as a fixed point from below; pooled residuals -> robust sigma.
+#   - mode level: a Gaussian mixture (EM, K <= 10 by BIC); sigma^2 = the mean smallest
+#     covariance eigenvalue of the components.  Needed when pieces/modes are only a few sigma
+#     long (blobs), where every local neighbourhood also catches the next piece.
+#   Assumes intrinsic dimension < D (at least one noise-only direction everywhere).
 #
-# Uncertainty ('std') is a bootstrap over images (patch groups) or query points.
-# Written from the papers' descriptions; numpy/scipy only.
+# 'std' is a bootstrap over image groups / query neighbourhoods (mixture: spread across
+# components).  Written from the papers' descriptions; numpy + scipy (torch, when importable,
+# only for the large matrix products).
 
 NO_NOISE_THRESHOLD = 0.01  # absolute; data assumed O(1) scaled (images in [-1, 1])
 
@@ -713,11 +721,12 @@ def _grad_energy(G: np.ndarray) -> np.ndarray:
 
 
 def _estimate_images(x: np.ndarray, seed: int, n_patches: int = 100_000, patch: int | None = None,
-                     n_boot: int = 200, n_groups: int = 20, texture_q: float = 0.99, max_iter: int = 20,
+                     n_boot: int = 20, n_groups: int = 20, texture_q: float = 0.99, max_iter: int = 20,
                      n_init: int = 20_000) -> dict:
     """Chen et al. 2015 on weak-texture patches.
 
-    Patches p x p x C (p even: 6 below 32 px, else 8) are split by an orthonormal 2x2 Haar
+    Patches p x p x C (p even: 8 from 32 px up, else 6; 4 when the data set has fewer than
+    ~200 positions per detail dimension) are split by an orthonormal 2x2 Haar
     transform into a coarse part (LL) and fine details.  Texture is judged on LL only: its
     gradient energy must lie below the 99% quantile of pure noise at the current estimate
     (iterated downwards from an all-patch estimate, in the spirit of Liu et al. 2013).
@@ -780,25 +789,29 @@ def _estimate_images(x: np.ndarray, seed: int, n_patches: int = 100_000, patch: 
         var, m_noise = chen_of(prefix_cov(m_sel), m_sel)
     sigma = math.sqrt(var)
 
-    # uncertainty: bootstrap over image groups of the variance in the selected noise subspace
-    # (selection and subspace held fixed; one eigendecomposition instead of one per replicate)
-    _, V = np.linalg.eigh(prefix_cov(m_sel))
-    Vn = V[:, :m_noise]
+    # uncertainty: bootstrap over image groups (texture selection held fixed, Chen's rule re-run)
     sel = order[:m_sel]
-    proj = _matmul(det[sel], Vn.astype(np.float32)).astype(np.float64)   # m_sel x m_noise
     img_s = img[sel]
     grp = (rng.permutation(N)[img_s] % n_groups) if N >= n_groups else rng.integers(0, n_groups, m_sel)
     cnt = np.bincount(grp, minlength=n_groups).astype(np.float64)
-    sq = np.bincount(grp, weights=(proj ** 2).sum(1), minlength=n_groups)
-    lin = np.stack([np.bincount(grp, weights=proj[:, j], minlength=n_groups) for j in range(m_noise)], 1)
+    S = np.zeros((n_groups, r, r))
+    s1 = np.zeros((n_groups, r))
+    for gi in range(n_groups):
+        Dg = det[sel[grp == gi]]
+        S[gi] = _matmul(Dg.T, Dg)
+        s1[gi] = Dg.sum(0, dtype=np.float64)
     Wb = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
-    nn = Wb @ cnt
-    mu = (Wb @ lin) / nn[:, None]
-    vb = ((Wb @ sq) - nn * (mu ** 2).sum(1)) / ((nn - 1) * m_noise)
-    boot = np.sqrt(np.clip(vb, 0, None))
+    boot = []
+    for w in Wb:
+        nn = w @ cnt
+        if nn < 2 * r:
+            continue
+        mu = (w @ s1) / nn
+        cov = (np.tensordot(w, S, 1) - nn * np.outer(mu, mu)) / (nn - 1)
+        boot.append(math.sqrt(chen_of(cov, int(nn))[0]))
     return dict(
         sigma=sigma,
-        std=float(np.std(boot, ddof=1)) if N > 1 else float("nan"),
+        std=float(np.std(boot, ddof=1)) if len(boot) > 1 else float("nan"),
         method=(f"images: chen2015 patch-PCA on weak-texture patches (patch {p}x{p}x{C}, "
                 f"Haar-detail dims {r}, noise dims {m_noise}, patches {m_sel}/{n})"),
         n=int(N),
@@ -896,7 +909,7 @@ def _local_residuals(x, tree, queries, r_floor, sigma, a, b, k_min, rng, split, 
     return out
 
 
-def _points_local(x, rng, sigma0, sigma_abort, n_query=150, k_min=20, a=4.0, b=5.0, max_iter=30,
+def _points_local(x, rng, sigma0, sigma_abort, n_query=150, k_min=20, a=3.0, b=3.5, max_iter=30,
                   n_boot=200, max_nb=250, n_ref=5000):
     """Self-consistent local PCA / quadratic-fit estimate (good for curves long compared with sigma).
     Returns sigma = inf if the iteration grows past sigma_abort (no local fixed point)."""
@@ -911,21 +924,27 @@ def _points_local(x, rng, sigma0, sigma_abort, n_query=150, k_min=20, a=4.0, b=5
     dk, _ = tree.query(x[queries], k=k_min + 1)
     r_floor = dk[:, -1] * (1 + 1e-9)
     split = D > 2
-    # fixed point sigma = S(sigma): start at the k_min-NN scale and let it grow (at most
-    # x2 per step; in a locally full-dimensional blob S(sigma) ~ 2.9 sigma) or shrink.
-    # start low (the k_min-NN scale) so that the first fixed point from below is found
+    # Fixed point sigma = S(sigma).  Start low (the k_min-NN scale) so that the first fixed
+    # point from below is found; in a locally full-dimensional blob S(sigma) ~ 2 sigma, so
+    # the scale grows (at most x2 per step) until the slab is wider than the noise.
+    # Growth phase on a third of the queries, final convergence on all of them.
     sigma = max(min(float(sigma0), float(np.median(r_floor)) / a), 1e-12)
+    n_fast = max(1, len(queries) // 3)
+    fast = True
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        res = _local_residuals(x, tree, queries, r_floor, sigma, a, b, k_min, rng, split, max_nb)
+        qs = slice(0, n_fast) if fast else slice(None)
+        res = _local_residuals(x, tree, queries[qs], r_floor[qs], sigma, a, b, k_min, rng, split, max_nb)
         new = _pooled_sigma(np.concatenate(res))
         new = min(new, 2.0 * sigma) if sigma > 0 else new
-        conv = abs(new - sigma) <= 0.005 * max(sigma, 1e-12)
+        change = abs(new - sigma) / max(sigma, 1e-12)
         sigma = new
-        if conv:
-            break
         if sigma > sigma_abort:
             return math.inf, math.nan, f"local-pca+quadratic(no local fixed point below {sigma_abort:.3g})"
+        if fast:
+            fast = change > 0.05
+        elif change <= 0.005:
+            break
     sizes = np.array([r.size for r in res])
     ok = np.nonzero(sizes > 0)[0]
     # bootstrap over query neighbourhoods (truncation threshold held fixed)
@@ -939,7 +958,7 @@ def _points_local(x, rng, sigma0, sigma_abort, n_query=150, k_min=20, a=4.0, b=5
     return float(sigma), std, info
 
 
-def _gmm_fit(Z, K, rng, iters=100, tol=1e-5, reg=1e-9):
+def _gmm_fit(Z, K, rng, iters=60, tol=2e-5, reg=1e-9):
     """Plain EM for a K-component full-covariance Gaussian mixture (k-means++ start)."""
     n, D = Z.shape
     c = [Z[rng.integers(n)]]
@@ -1008,7 +1027,7 @@ def _points_mixture(x, rng, n_fit=2000, k_max=10):
     Z = x[rng.choice(N, n_fit, replace=False)] if N > n_fit else x
     best, worse = None, 0
     for K in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16):
-        if K > k_max or K * 10 * (D + 1) > Z.shape[0]:
+        if K > 1 and (K > k_max or K * 10 * (D + 1) > Z.shape[0]):
             break
         f = _gmm_fit(Z, K, rng)
         if best is None or f["bic"] < best["bic"]:
@@ -1070,6 +1089,8 @@ def estimate_sigma(x, seed: int = 0) -> dict:
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
+    if x.shape[0] < 1 or not np.isfinite(x).all():
+        raise ValueError("estimate_sigma needs a non-empty, finite array")
     if x.ndim in (3, 4):
         return _estimate_images(x, seed)
     if x.ndim == 2:

@@ -882,8 +882,13 @@ def test_fid_weights_search(tmp_path, monkeypatch):
     monkeypatch.setenv('DSD_DATA', str(tmp_path / 'data'))
     with pytest.raises(SystemExit, match='not found in .*data or .*hub.*--inception PATH'):
         fid.find_weights(download=False)
+    # the one download attempt: a wrong or broken file is refused and leaves nothing in the cache
+    monkeypatch.setattr(fid.urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(b'not the weights'))
+    with pytest.raises(SystemExit, match='sha256 mismatch'):
+        fid.find_weights()
+    assert os.listdir(tmp_path / 'hub' / 'checkpoints') == []
     for d in ('hub/checkpoints', 'data'):  # $DSD_DATA first, then torch hub's cache
-        os.makedirs(tmp_path / d)
+        os.makedirs(tmp_path / d, exist_ok=True)
         (tmp_path / d / fid.WEIGHTS_NAME).write_bytes(b'')
         assert fid.find_weights(download=False) == str(tmp_path / d / fid.WEIGHTS_NAME)
 
@@ -948,7 +953,7 @@ def _fid_fake_modules(monkeypatch, clean, sigma_n=0.2):
         noise = np.stack([np.random.default_rng((seed, int(i))).standard_normal(x.shape[1:]) for i in index])
         return (x + sigma * noise).astype(np.float32)
 
-    def generate(net, ckpt, seeds, batch, device, mode=None):
+    def generate(net, ckpt, seeds, batch, device, mode=None, steps=None):
         calls.append(('generate', list(seeds)))
         for i in range(0, len(seeds), batch):
             s = list(seeds[i:i + batch])
@@ -1289,7 +1294,6 @@ def test_toy_quickstart_dsd_is_closer_to_the_clean_data_than_ambient_full(tmp_pa
 # ------------------------------------------------------------------------------------------------
 # Noise-level estimation (pretrain.py --sigma auto, --estimate-sigma)
 estimate_sigma = pretrain.estimate_sigma
-
 SIGMAS = (0.05, 0.1, 0.2, 0.4)
 
 
@@ -1424,9 +1428,9 @@ def add_noise(x: np.ndarray, sigma: float, seed: int = 123) -> np.ndarray:
     return (x + sigma * rng.standard_normal(x.shape)).astype(np.float32)
 
 
-DATASETS = {"cifar_like": cifar_like, "shapes16": shapes16, "curve2d": curve_points, "pieces2d": short_pieces,
-            "builtin_shapes": lambda: pretrain.load_data("shapes")[0][:5000],
-            "builtin_toy": lambda: pretrain.load_data("toy")[0][:10000]}
+DATASETS = {"builtin_shapes": lambda: pretrain.load_data("shapes")[0][:5000],
+            "builtin_toy": lambda: pretrain.load_data("toy")[0][:10000],
+            "cifar_like": cifar_like, "shapes16": shapes16, "curve2d": curve_points, "pieces2d": short_pieces}
 
 
 # ----------------------------------------------------------------------------- tests
