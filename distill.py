@@ -166,7 +166,7 @@ def main(argv=None):
     teacher = networks.build_net(teacher_ckpt['net'])
     teacher.load_state_dict(teacher_ckpt['ema'])
     teacher = teacher.to(device).eval().requires_grad_(False)
-    G, fake = copy.deepcopy(teacher).train().requires_grad_(True), copy.deepcopy(teacher).train()
+    G, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2))
     G_ema = copy.deepcopy(teacher).eval()
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg['glr'], betas=(0.0, 0.999), eps=1e-8)
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg['lr'], betas=(0.0, 0.999), eps=1e-8)
