@@ -152,6 +152,8 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
     cfg, teacher_ckpt = resolve(args)
+    if device.type == 'cpu' and teacher_ckpt['net'].get('arch') == 'mlp':
+        torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
     batch_gpu = args.batch_gpu or cfg['batch'] // world
     if cfg['batch'] % (world * batch_gpu):
         die(f'--batch {cfg["batch"]} is not divisible by world size {world} x --batch-gpu {batch_gpu}')

@@ -19,8 +19,8 @@ files record which kind they hold, so the two are never mixed.
     torchrun --standalone --nproc_per_node=8 fid.py calc --net gen.pt --ref refs/cifar10.npz
 """
 import argparse
-import json
 import hashlib
+import json
 import os
 import sys
 import time
@@ -33,15 +33,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain import die, init_distributed       # one-line errors and torchrun set-up live with Phase I
+
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'  # the name holds its first 8
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 LABEL = {'inception': 'FID', 'pixel': 'pixel FD'}
-
-
-def die(msg):
-    raise SystemExit(f'error: {msg}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,19 +460,6 @@ def load_samples_npz(path):
 
 # ----------------------------------------------------------------------------------------------
 # Multi-process (torchrun): each rank computes the features of its shard, rank 0 gathers them.
-
-def init_distributed(device):
-    """(rank, world, device) from torchrun's environment; (0, 1, device) when run plainly."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world == 1:
-        return 0, 1, torch.device(device)
-    rank, local = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0))
-    if torch.device(device).type == 'cuda':
-        device = torch.device('cuda', local)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group('nccl' if torch.device(device).type == 'cuda' else 'gloo')
-    return rank, world, torch.device(device)
-
 
 def gather_rows(x, world, device):
     """Concatenate every rank's (n_r, D) array on all ranks (shards may differ in length by one)."""

@@ -46,6 +46,8 @@ def init_distributed(device=None):
     if device is None:
         device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
     device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', local_rank)             # one GPU per process
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -436,6 +438,8 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
     cfg, net_cfg, y, info = resolve(args)
+    if device.type == 'cpu' and net_cfg.get('arch') == 'mlp':
+        torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
     if args.estimate_sigma:
         e = cfg['sigma_estimate']
         print0(f'estimated sigma_n = {e["sigma"]:.4f} +- {e["std"]:.4f} ({e["method"]}, {e["n"]} samples)'

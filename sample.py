@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import networks
+from fid import to_uint8                          # the one path from [-1, 1] to uint8
 from pretrain import die, init_distributed, print0
 
 
@@ -102,11 +103,6 @@ def generate(net, ckpt, seeds, batch, device, mode=None, steps=None):
         yield part, x.float().cpu()
 
 
-def to_uint8(x):
-    """[-1, 1] NCHW -> uint8 NHWC, as EDM writes images."""
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def grid_image(images_u8):
     """uint8 NHWC -> one Pillow image, as square a grid as possible."""
     from PIL import Image
@@ -187,6 +183,8 @@ def main(argv=None):
     seeds = parse_seeds(args.seeds)
     rank, world, device = init_distributed(args.device)
     net, ckpt = load_net(args.net, device)
+    if device.type == 'cpu' and ckpt['net'].get('arch') == 'mlp':
+        torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
     if args.mode and ckpt['kind'] == 'generator':
         die(f'--mode {args.mode}: {args.net} is a one-step generator; --mode applies to teachers')
     if args.dry_run:
