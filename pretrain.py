@@ -396,14 +396,12 @@ def resolve(args):
         if not sigma >= 0:
             die(f'--sigma {args.sigma}: the noise level must be >= 0 (0 is plain EDM training)')
     x, info = load_data(args.data, args.data_dir)
-    estimate = None
-    if sigma is None or args.estimate_sigma:
-        if not args.already_noisy and sigma is None:
-            die('--sigma auto estimates the noise of data that is already noisy; add --already-noisy')
-        estimate = estimate_sigma(x if args.already_noisy else make_noisy(x, sigma, args.seed), args.seed)
-        sigma = estimate['sigma'] if sigma is None else sigma
+    if sigma is None and not args.already_noisy:
+        die('--sigma auto estimates the noise of data that is already noisy; add --already-noisy')
     y = x if args.already_noisy else make_noisy(x, sigma, args.seed)
     del x                                                              # training never sees clean data
+    estimate = estimate_sigma(y, args.seed) if sigma is None or args.estimate_sigma else None
+    sigma = estimate['sigma'] if sigma is None else sigma
     preset = args.preset or default_preset(args.data, y, info)
     if preset not in networks.PRESETS:
         die(f'--preset {preset}: unknown; choose from {", ".join(networks.PRESETS)}')
