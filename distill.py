@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import fid
 import networks
 from pretrain import (batch_indices, denoising_loss, die, ema_beta, init_distributed, memory_gb, noisy_dataset,
                       print0, sample_sigma, update_ema)
@@ -207,11 +208,9 @@ def main(argv=None):
 
     # Proximal FID needs the statistics of the noisy training set; compute them once, fail early if impossible.
     if cfg['ref']:
-        import fid
         fid.load_stats(cfg['ref'], cfg['features'])             # a missing or mismatched file fails now, not later
     noisy_stats = inception = None
     if cfg['fid_num'] and sigma_n > 0 and rank == 0:
-        import fid
         y, _ = noisy_dataset(cfg['data'], sigma_n, teacher_ckpt.get('config', {}).get('seed', 0), args.data_dir,
                              teacher_ckpt.get('config', {}).get('already_noisy', False))
         if y.shape[1:] != shape:
@@ -329,7 +328,6 @@ def snapshot(cfg, step, G, fake, G_ema, opt_g, opt_f, teacher_ckpt, noisy_stats,
                 teacher=teacher_ckpt['net'], data=cfg['data'], kimg=kimg, config=cfg)
     metrics = {}
     if rank == 0 and noisy_stats is not None:
-        import fid
         metrics['proximal_fd'] = fid.proximal(G_ema, ckpt, noisy_stats, cfg['fid_num'], cfg['features'], device,
                                               inception)
         if cfg['ref']:

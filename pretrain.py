@@ -395,11 +395,9 @@ def resolve(args):
             die(f'--sigma {args.sigma}: not a number; give sigma_n >= 0 (e.g. 0.2) or "auto"')
         if not sigma >= 0:
             die(f'--sigma {args.sigma}: the noise level must be >= 0 (0 is plain EDM training)')
-    x, info = load_data(args.data, args.data_dir)
     if sigma is None and not args.already_noisy:
         die('--sigma auto estimates the noise of data that is already noisy; add --already-noisy')
-    y = x if args.already_noisy else make_noisy(x, sigma, args.seed)
-    del x                                                              # training never sees clean data
+    y, info = noisy_dataset(args.data, sigma, args.seed, args.data_dir, args.already_noisy)
     estimate = estimate_sigma(y, args.seed) if sigma is None or args.estimate_sigma else None
     sigma = estimate['sigma'] if sigma is None else sigma
     preset = args.preset or default_preset(args.data, y, info)
