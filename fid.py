@@ -1,4 +1,4 @@
-"""Frechet Inception Distance (FID), proximal FID and a weight-free pixel Frechet distance.
+"""Frechet Inception Distance (FID), Proximal FID, a weight-free pixel Frechet distance, and the paper's figures.
 
 FID compares the Gaussians fitted to 2048-d Inception-v3 pool3 features of two image sets:
     FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
@@ -16,6 +16,7 @@ files record which kind they hold, so the two are never mixed.
     python fid.py calc --images samples/ --ref refs/cifar10.npz              # PNG folder or .npz 'samples'
     python fid.py calc --net gen.pt --num 50000 --ref refs/cifar10.npz --repeats 3
     python fid.py calc --net gen.pt --proximal --ref refs/cifar10-n0.2.npz   # model selection, no clean data
+    python fid.py figure --net teacher.pt --generator gen.pt --out fig.png   # the paper's Fig. 2 / Fig. 4
     torchrun --standalone --nproc_per_node=8 fid.py calc --net gen.pt --ref refs/cifar10.npz
 """
 import argparse
@@ -23,24 +24,27 @@ import hashlib
 import json
 import os
 import sys
-import time
 import urllib.request
 import warnings
 
 import numpy as np
 import scipy.linalg
+import scipy.optimize
+import scipy.spatial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
-from pretrain import die, init_distributed       # one-line errors and torchrun set-up live with Phase I
+from networks import die, init_distributed, print0
+from pretrain import BUILTIN, builtin_clean, load_data, load_images, make_noisy, noisy_dataset, toy_curve
+from sample import generate, grid_image, load_net, sample_shape, scatter, to_uint8
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'  # the name holds its first 8
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 LABEL = {'inception': 'FID', 'pixel': 'pixel FD'}
-
+PROXIMAL_STREAM = 0  # Proximal FID's noise: a stream of make_noisy that no training item draws from
 
 # ----------------------------------------------------------------------------------------------
 # The FID Inception-v3. Attribute names follow the weights file so its state dict loads as is.
@@ -49,7 +53,6 @@ LABEL = {'inception': 'FID', 'pixel': 'pixel FD'}
 
 class ConvBN(nn.Module):
     """Conv without bias, batch norm (TF's eps 1e-3), ReLU."""
-
     def __init__(self, cin, cout, kernel, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
@@ -64,15 +67,12 @@ class ConvBN(nn.Module):
         return F.relu(F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale,
                                self.conv.stride, self.conv.padding))
 
-
 def _avg_pool(x):
     # TF's average pool divides by the number of real pixels under the window, not by 9 at the border.
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
-
 class InceptionA(nn.Module):
     """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | pool-1x1."""
-
     def __init__(self, cin, pool_ch):
         super().__init__()
         self.branch1x1 = ConvBN(cin, 64, 1)
@@ -91,10 +91,8 @@ class InceptionA(nn.Module):
             self.branch_pool(_avg_pool(x)),
         ], 1)
 
-
 class InceptionB(nn.Module):
     """35x35 -> 17x17 reduction."""
-
     def __init__(self, cin):
         super().__init__()
         self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
@@ -109,10 +107,8 @@ class InceptionB(nn.Module):
             F.max_pool2d(x, 3, stride=2),
         ], 1)
 
-
 class InceptionC(nn.Module):
     """17x17 block with factorised 7x7 convolutions (1x7 then 7x1)."""
-
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1 = ConvBN(cin, 192, 1)
@@ -138,10 +134,8 @@ class InceptionC(nn.Module):
             self.branch_pool(_avg_pool(x)),
         ], 1)
 
-
 class InceptionD(nn.Module):
     """17x17 -> 8x8 reduction."""
-
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1 = ConvBN(cin, 192, 1)
@@ -154,7 +148,6 @@ class InceptionD(nn.Module):
     def forward(self, x):
         b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
-
 
 class InceptionE(nn.Module):
     """8x8 block whose 3x3 branches split into parallel 1x3 and 3x1 halves. `pool` is 'avg' for Mixed_7b
@@ -184,10 +177,8 @@ class InceptionE(nn.Module):
             self.branch_pool(p),
         ], 1)
 
-
 class InceptionV3(nn.Module):
     """FID Inception-v3: images NCHW, uint8 or float in [0, 255], any size -> (N, 2048) pool3 features."""
-
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
@@ -225,14 +216,12 @@ class InceptionV3(nn.Module):
             x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
-
 def _sha256(path):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
-
 
 def find_weights(path=None, download=True, timeout=60):
     """Path of the weights file: `path` if given, else $DSD_DATA/ or torch hub's checkpoints/; if in none,
@@ -268,7 +257,6 @@ def find_weights(path=None, download=True, timeout=60):
     die(f'Inception weights {WEIGHTS_NAME} not found in {" or ".join(dirs)} ({why}); fetch {WEIGHTS_URL} by hand '
         f'and pass --inception PATH, or put it in $DSD_DATA or {hub_dir} (or use --features pixel)')
 
-
 def load_inception(path=None, device='cpu'):
     """The FID Inception with the TF 2015-12-05 weights (see find_weights), in eval mode, frozen."""
     path = find_weights(path)
@@ -285,19 +273,10 @@ def load_inception(path=None, device='cpu'):
             f'unexpected {unexpected[:3]}); expected {WEIGHTS_NAME}')
     return net.eval().requires_grad_(False).to(device)
 
-
 # ----------------------------------------------------------------------------------------------
 # Features and statistics.
 
-def to_uint8(x):
-    """Float images in [-1, 1], NCHW (numpy or torch) -> uint8 NHWC: clip, then round((x + 1) * 127.5).
-    Data, noisy data and samples all go through this one path."""
-    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-    x = np.rint((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
-    return x.transpose(0, 2, 3, 1)
-
-
-def features(images, batch=64, device='cpu', net=None, kind='inception', verbose=False):
+def features(images, batch=64, device='cpu', net=None, kind='inception'):
     """Features of uint8 NHWC images (one array, or an iterator of arrays): (N, 2048) float32 Inception pool3
     features, or for kind='pixel' the flattened pixels scaled to [-1, 1] (N, H*W*C) float64.
     `net` defaults to load_inception() (weights file needed)."""
@@ -305,9 +284,8 @@ def features(images, batch=64, device='cpu', net=None, kind='inception', verbose
         raise ValueError(f'unknown feature kind {kind!r}; use one of {list(LABEL)}')
     if kind == 'inception' and net is None:
         net = load_inception(device=device)
-    chunks = [images] if isinstance(images, np.ndarray) else images
-    out, done, start, last = [], 0, time.time(), time.time()
-    for chunk in chunks:
+    out = []
+    for chunk in [images] if isinstance(images, np.ndarray) else images:
         if not (isinstance(chunk, np.ndarray) and chunk.dtype == np.uint8 and chunk.ndim == 4
                 and chunk.shape[3] in (1, 3)):
             raise ValueError(f'features() wants uint8 NHWC images with 1 or 3 channels, got '
@@ -316,19 +294,18 @@ def features(images, batch=64, device='cpu', net=None, kind='inception', verbose
             x = chunk[i:i + batch]
             if kind == 'pixel':
                 out.append(x.reshape(len(x), -1) / 127.5 - 1)
-            else:
-                x = torch.from_numpy(x).to(device).permute(0, 3, 1, 2)
-                if x.shape[1] == 1:
-                    x = x.expand(-1, 3, -1, -1)  # grey -> RGB, as PIL's convert('RGB') would
-                with torch.inference_mode():
-                    out.append(net(x).cpu().numpy())
-            done += len(x)
-        if verbose and time.time() - last > 30:
-            last = time.time()
-            print(f'  features of {done} images, {done / (last - start):.1f} img/s', file=sys.stderr, flush=True)
-    dim = 2048 if kind == 'inception' else 0
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+                continue
+            x = torch.from_numpy(x).to(device).permute(0, 3, 1, 2)
+            with torch.inference_mode():      # grey -> RGB, as PIL's convert('RGB') would
+                out.append(net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2048 if kind == 'inception' else 0), np.float32)
 
+def sample_features(x, kind='inception', device='cpu', net=None):
+    """Images NCHW in [-1, 1] go through the uint8 path above; points (N, D) are their own features."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim == 2:
+        return x.astype(np.float64)
+    return features(to_uint8(x), device=device, net=net, kind=kind)
 
 def stats_of(feats):
     """Mean and (unbiased) covariance of (N, D) features, in float64."""
@@ -342,7 +319,6 @@ def stats_of(feats):
         warnings.warn(f'only {n} samples for {d}-d features: the covariance is singular and the Frechet distance '
                       f'is biased upwards (use >= {d}; 50000 for reportable FID)', stacklevel=2)
     return feats.mean(0, dtype=np.float64), np.cov(feats, rowvar=False).astype(np.float64)
-
 
 def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2)) between two Gaussians."""
@@ -365,7 +341,6 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
-
 def save_stats(path, mu, sigma, features='inception', num=None):
     """Write .npz with mu (D,), sigma (D, D) float64 (the layout of EDM's and pytorch-fid's reference files)
     plus `features` (which kind) and `num` (sample count). Written to a temp file, then renamed."""
@@ -377,7 +352,6 @@ def save_stats(path, mu, sigma, features='inception', num=None):
         np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
                  features=np.str_(features), **extra)
     os.replace(tmp, path)
-
 
 def load_stats(path, features='inception'):
     """(mu, sigma) from a stats .npz (ours, EDM's or pytorch-fid's; files without a `features` key hold
@@ -401,7 +375,6 @@ def load_stats(path, features='inception'):
             f'{LABEL.get(kind, kind)} and {LABEL[features]} numbers cannot be compared')
     return mu, sigma
 
-
 def stats_kind(path):
     """Which features a stats file holds ('inception' for files without the key)."""
     try:
@@ -410,38 +383,8 @@ def stats_kind(path):
     except Exception:
         return None  # load_stats reports what is wrong with the file
 
-
 # ----------------------------------------------------------------------------------------------
-# Image sources.
-
-def image_files(path):
-    """Image files under a folder, recursively, in a fixed (sorted) order."""
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                   if name.lower().endswith(IMAGE_EXTS))
-    if not files:
-        die(f'--images {path}: no {"/".join(IMAGE_EXTS)} files in this folder or below')
-    return files
-
-
-def read_images(files, chunk=256):
-    """Yield uint8 NHWC RGB arrays of `chunk` images; all must have one size."""
-    from PIL import Image
-    first = None
-    for i in range(0, len(files), chunk):
-        batch = []
-        for name in files[i:i + chunk]:
-            try:
-                with Image.open(name) as im:
-                    a = np.asarray(im.convert('RGB'))
-            except Exception as e:
-                die(f'--images: cannot read {name} ({type(e).__name__}: {e})')
-            first = first or (name, a.shape)
-            if a.shape != first[1]:
-                die(f'--images: {name} is {a.shape[1]}x{a.shape[0]} but {first[0]} is {first[1][1]}x{first[1][0]}; '
-                    f'all images must have one size')
-            batch.append(a)
-        yield np.stack(batch)
-
+# Samples saved as .npz, and the gathering of features computed by several processes (torchrun).
 
 def load_samples_npz(path):
     try:
@@ -456,10 +399,6 @@ def load_samples_npz(path):
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
         die(f'--images {path}: samples must be uint8 NHWC with 1 or 3 channels, got {x.dtype} {x.shape}')
     return x
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-process (torchrun): each rank computes the features of its shard, rank 0 gathers them.
 
 def gather_rows(x, world, device):
     """Concatenate every rank's (n_r, D) array on all ranks (shards may differ in length by one)."""
@@ -477,87 +416,144 @@ def gather_rows(x, world, device):
     torch.distributed.all_gather(parts, padded)
     return np.concatenate([p[:int(c.item())].cpu().numpy() for p, c in zip(parts, counts)])
 
+# ----------------------------------------------------------------------------------------------
+# Metrics of generated samples: the one generate -> (corrupt) -> features path, Proximal FID, distances of points.
+
+def generated_features(net, ckpt, seeds, kind, device, inception=None, corrupt=0.0, mode=None, steps=None, batch=256):
+    """Features of the samples for `seeds` (one step for generators, Heun in `mode` for teachers). With `corrupt`,
+    each sample is first corrupted like the data, y = x + corrupt * eps, with noise no training item uses."""
+    parts = []
+    for part, x in generate(net, ckpt, seeds, batch, device, mode, steps):
+        if corrupt:
+            x = make_noisy(x.numpy(), corrupt, index=part, stream=PROXIMAL_STREAM)
+        parts.append(sample_features(x, kind, device, inception))
+    return np.concatenate(parts)
+
+def noisy_reference(teacher_ckpt, data, data_dir, kind, device, inception=None):
+    """Statistics of the teacher's own noisy training set (its sigma_n and seed, or the data as given): Proximal FID's
+    reference, whatever sigma_n the generator assumes."""
+    cfg = teacher_ckpt.get('config', {})
+    y, _ = noisy_dataset(data, teacher_ckpt['sigma_n'], cfg.get('seed', 0), data_dir, cfg.get('already_noisy', False))
+    if y.shape[1:] != sample_shape(teacher_ckpt['net']):
+        die(f'--data {data}: shape {y.shape[1:]} does not match the teacher\'s {sample_shape(teacher_ckpt["net"])}')
+    return stats_of(sample_features(y, kind, device, inception))
+
+def proximal(net, ckpt, noisy_stats, num, kind='inception', device='cpu', inception=None):
+    """Proximal FID (Sec. 4.4): corrupt `num` generated samples with the generator's sigma_n as the data was
+    corrupted, then the Frechet distance to the statistics of the noisy training set. Needs no clean data."""
+    feats = generated_features(net, ckpt, list(range(num)), kind, device, inception, corrupt=ckpt['sigma_n'])
+    return frechet_distance(*stats_of(feats), *noisy_stats)
+
+def curve_distance(points, curve):
+    """Mean distance from each point to a densely sampled clean support (the toy set's curve)."""
+    return float(scipy.spatial.cKDTree(np.asarray(curve, np.float64)).query(np.asarray(points, np.float64))[0].mean())
+
+def w2_matching(a, b):
+    """Wasserstein-2 distance between two equal-size point sets by exact optimal matching (~1000 points)."""
+    n = min(len(a), len(b))
+    a, b = np.asarray(a[:n], np.float64), np.asarray(b[:n], np.float64)
+    cost = ((a[:, None] - b[None]) ** 2).sum(-1)
+    rows, cols = scipy.optimize.linear_sum_assignment(cost)
+    return float(np.sqrt(cost[rows, cols].mean()))
+
+def figure(teacher, t_ckpt, gen, g_ckpt, out, num, batch, device, steps=None):
+    """Noisy data, Ambient-Full, Ambient-Truncated and DSD side by side (the paper's Fig. 4 for points, Fig. 2 for
+    images) and, where the data set can supply fresh clean samples, each one's distance to them."""
+    points, seeds, data = t_ckpt['net'].get('arch') == 'mlp', list(range(num)), t_ckpt.get('data', 'toy')
+    cfg = t_ckpt.get('config', {})
+    noisy, _ = noisy_dataset(data, t_ckpt['sigma_n'], cfg.get('seed', 0), None, cfg.get('already_noisy', False))
+    noisy = torch.from_numpy(noisy[np.random.default_rng(0).choice(len(noisy), min(num, len(noisy)), replace=False)])
+    cat = lambda it: torch.cat([x for _, x in it])
+    panels = {'noisy data': noisy,
+              'Ambient-Full': cat(generate(teacher, t_ckpt, seeds, batch, device, 'full', steps)),
+              'Ambient-Truncated': cat(generate(teacher, t_ckpt, seeds, batch, device, 'truncated', steps)),
+              'DSD (one step)': cat(generate(gen, g_ckpt, seeds, batch, device))}
+    table, clean = {}, builtin_clean(data, num) if data in BUILTIN else None
+    if clean is not None and points:
+        table = {k: dict(curve_dist=curve_distance(x.numpy(), toy_curve()), w2=w2_matching(x.numpy(), clean))
+                 for k, x in panels.items()}
+    elif clean is not None:
+        ref = stats_of(sample_features(clean, 'pixel'))
+        table = {k: dict(pixel_fd=frechet_distance(*stats_of(sample_features(x, 'pixel')), *ref)) for k, x in panels.items()}
+    tiles = []
+    for k, x in panels.items():
+        tile = scatter(x.numpy(), background=toy_curve(4000) if data == 'toy' else None) if points else \
+            grid_image(to_uint8(x[:64])).convert('RGB')
+        tiles.append(Image.new('RGB', (tile.width, tile.height + 18), 'white'))
+        tiles[-1].paste(tile, (0, 18))
+        ImageDraw.Draw(tiles[-1]).text((4, 3), k, fill=(0, 0, 0))
+    w, h = tiles[0].size
+    canvas = Image.new('RGB', (w * len(tiles) + 6 * (len(tiles) - 1), h), 'white')
+    for i, t in enumerate(tiles):
+        canvas.paste(t, (i * (w + 6), 0))
+    canvas.save(out)
+    print0(f'wrote {out}')
+    if table:
+        names = dict(curve_dist='mean dist. to clean curve', w2='W2 to clean (1000-pt matching)',
+                     pixel_fd='pixel FD to clean')
+        keys = list(next(iter(table.values())))
+        print0(f'{"sampler":20s}' + ''.join(f'{names[k]:>34s}' for k in keys))
+        for name, row in table.items():
+            print0(f'{name:20s}' + ''.join(f'{row[k]:34.4f}' for k in keys))
+        with open(os.path.splitext(out)[0] + '.json', 'w') as f:
+            json.dump(table, f, indent=2)
+    return table
 
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-def generated_images(sample, net, ckpt, seeds, batch, device, sigma_n=None, mode=None, steps=None):
-    """uint8 NHWC batches of samples for `seeds` (one step for generators; Heun in `mode` for teachers); with
-    sigma_n, corrupted like the training data (noise of sample `s` from (0, s)) before the uint8 conversion."""
-    import pretrain
-    for seed_list, x in sample.generate(net, ckpt, seeds, batch, device, mode, steps):
-        x = x.detach().cpu().float().numpy()
-        if sigma_n:
-            x = pretrain.make_noisy(x, sigma_n, seed=0, index=seed_list)
-        yield to_uint8(x)
-
-
 def cmd_ref(args, rank, world, device, net):
-    import pretrain
-    x, info = pretrain.load_data(args.data, args.data_dir)
+    x, info = load_data(args.data, args.data_dir)
     if info.get('kind') != 'images' or x.ndim != 4:
         die(f'--data {args.data}: is {info.get("kind")} data of shape {x.shape}; FID needs images')
     if args.sigma:
-        x = pretrain.make_noisy(x, args.sigma, args.seed)  # the fixed noisy set the teacher trained on
+        x = make_noisy(x, args.sigma, args.seed)  # the fixed noisy set the teacher trained on
     shard = np.array_split(np.arange(len(x)), world)[rank]
     chunks = (to_uint8(x[shard[i:i + 1024]]) for i in range(0, len(shard), 1024))
-    feats = gather_rows(features(chunks, args.batch, device, net, args.features, verbose=rank == 0), world, device)
+    feats = gather_rows(features(chunks, args.batch, device, net, args.features), world, device)
     if rank == 0:
-        mu, sigma = stats_of(feats)
-        save_stats(args.out, mu, sigma, args.features, num=len(feats))
+        save_stats(args.out, *stats_of(feats), args.features, num=len(feats))
         noisy = f', sigma {args.sigma:g} noise seed {args.seed}' if args.sigma else ''
         print(f'wrote {args.features} stats of {len(feats)} images of {args.data}{noisy} to {args.out}')
-
 
 def cmd_calc(args, rank, world, device, net, ref):
     label = ('proximal ' if args.proximal else '') + LABEL[args.features]
     if args.images:
         if not os.path.exists(args.images):
-            die(f'--images {args.images}: no such folder or .npz file')
+            die(f'--images {args.images}: no such folder, .zip or .npz file')
         if args.proximal or args.repeats != 1:
             die('--proximal and --repeats need --net (samples generated here with known seeds)')
-        if args.images.endswith('.npz'):
-            x = load_samples_npz(args.images)
-            x = x[:args.num] if args.num else x
-            n = len(x)
-            source = x[np.array_split(np.arange(n), world)[rank]]
-        else:
-            files = image_files(args.images)
-            files = files[:args.num] if args.num else files
-            n = len(files)
-            source = read_images(np.array_split(np.array(files), world)[rank].tolist())
-        if args.num and n < args.num:
-            die(f'--images {args.images}: has {n} images, fewer than --num {args.num}')
-        if n < 2:
-            die(f'--images {args.images}: has {n} image(s); need at least 2 (50000 for a reportable FID)')
-        runs = [(f'{n} images of {args.images}', source)]
+        x = load_samples_npz(args.images) if args.images.endswith('.npz') else load_images(args.images, '--images')
+        x = x[:args.num] if args.num else x
+        if args.num and len(x) < args.num:
+            die(f'--images {args.images}: has {len(x)} images, fewer than --num {args.num}')
+        if len(x) < 2:
+            die(f'--images {args.images}: has {len(x)} image(s); need at least 2 (50000 for a reportable FID)')
+        mine = x[np.array_split(np.arange(len(x)), world)[rank]]
+        runs = [(f'{len(x)} images of {args.images}', lambda: features(mine, args.batch, device, net, args.features))]
     else:
-        import sample
-        gen, ckpt = sample.load_net(args.net, device)
+        gen, ckpt = load_net(args.net, device)
         sigma_n = float(ckpt.get('sigma_n') or 0)
         if args.proximal and sigma_n <= 0:
             die(f'--net {args.net}: --proximal needs a checkpoint with sigma_n > 0 (it has {ckpt.get("sigma_n")})')
         runs = []
         for r in range(args.repeats):
-            seeds = list(range(r * args.num, (r + 1) * args.num))
-            mine = np.array_split(np.array(seeds), world)[rank].tolist()
-            images = generated_images(sample, gen, ckpt, mine, args.batch, device, sigma_n if args.proximal else 0,
-                                      args.mode, args.steps)
-            runs.append((f'seeds {seeds[0]}-{seeds[-1]}', images))
+            seeds = np.array_split(np.arange(r * args.num, (r + 1) * args.num), world)[rank].tolist()
+            runs.append((f'seeds {r * args.num}-{(r + 1) * args.num - 1}', lambda seeds=seeds: generated_features(
+                gen, ckpt, seeds, args.features, device, net, sigma_n if args.proximal else 0, args.mode, args.steps,
+                args.batch)))
     values = []
-    for what, source in runs:
-        feats = gather_rows(features(source, args.batch, device, net, args.features, verbose=rank == 0), world, device)
+    for what, feats_of in runs:
+        feats = gather_rows(feats_of(), world, device)
         if rank == 0:
             if feats.shape[1] != len(ref[0]):
                 die(f'--ref {args.ref}: has {len(ref[0])}-d stats but the images give {feats.shape[1]}-d '
                     f'{args.features} features (pixel stats need images of the same size)')
-            mu, sigma = stats_of(feats)
-            values.append(frechet_distance(mu, sigma, *ref))
+            values.append(frechet_distance(*stats_of(feats), *ref))
             print(f'{label} {values[-1]:.4f}  ({what} vs {args.ref})', flush=True)
     if rank == 0 and len(values) > 1:
         print(f'{label} {np.mean(values):.4f} +- {np.std(values, ddof=1):.4f}  (mean +- std over {len(values)} runs)')
     return values
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
@@ -580,13 +576,13 @@ def parse_args(argv=None):
     r.add_argument('--data', required=True, help='data set name or path, as for pretrain.py (cifar10, a folder, ...)')
     r.add_argument('--data-dir', default=None, help='where pretrain.py finds downloaded data (else $DSD_DATA, ./data)')
     r.add_argument('--sigma', type=float, default=0.0, help='stats of the data plus N(0, sigma^2) noise, drawn as '
-                   'pretrain.py draws the teacher\'s noisy set (for proximal FID)')
+                   'pretrain.py draws the teacher\'s noisy set (for Proximal FID)')
     r.add_argument('--seed', type=int, default=0, help='noise seed; must match the teacher\'s (default 0)')
     r.add_argument('--out', required=True, help='.npz to write (mu, sigma, features, num)')
 
     c = sub.add_parser('calc', parents=[common], help='FID of saved or generated samples against a stats file')
     src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument('--images', help='folder of images (searched recursively) or .npz with uint8 NHWC "samples"')
+    src.add_argument('--images', help='image folder (searched recursively), .zip, or .npz with uint8 NHWC "samples"')
     src.add_argument('--net', help='generator or teacher checkpoint: generate the samples here (no files written)')
     c.add_argument('--mode', choices=['full', 'truncated'], default=None,
                    help='teachers: Ambient-Full or Ambient-Truncated (default) sampling, as in sample.py')
@@ -598,6 +594,16 @@ def parse_args(argv=None):
                    'before scoring, to compare against `ref --sigma` stats of the noisy training set')
     c.add_argument('--repeats', type=int, default=1, help='with --net: runs on seeds 0..num-1, num..2num-1, ...; '
                    'prints mean +- std')
+
+    f = sub.add_parser('figure', help='noisy data, Ambient-Full, Ambient-Truncated and DSD side by side, with '
+                                      'distances to clean data for the built-in sets (Fig. 4 points, Fig. 2 images)')
+    f.add_argument('--net', required=True, help='the teacher (pretrain.py)')
+    f.add_argument('--generator', required=True, help='the DSD generator (distill.py)')
+    f.add_argument('--out', required=True, help='FILE.png (the table also goes to FILE.json)')
+    f.add_argument('--num', type=int, default=None, help='samples per panel (default 1000 points / 2000 images)')
+    f.add_argument('--steps', type=int, default=None, help='Heun steps (default 18 at 32x32, 40 at 64x64)')
+    f.add_argument('--batch', type=int, default=256)
+    f.add_argument('--device', default=None)
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error('--batch must be >= 1')
@@ -610,9 +616,17 @@ def parse_args(argv=None):
             p.error('--repeats must be >= 1')
     return args
 
-
 def main(argv=None):
     args = parse_args(argv)
+    if args.cmd == 'figure':
+        device = init_distributed(args.device)[2]
+        teacher, t_ckpt = load_net(args.net, device, kind='teacher')
+        gen, g_ckpt = load_net(args.generator, device, kind='generator')
+        points = t_ckpt['net'].get('arch') == 'mlp'
+        if device.type == 'cpu' and points:
+            torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
+        return figure(teacher, t_ckpt, gen, g_ckpt, args.out, args.num or (1000 if points else 2000), args.batch,
+                      device, args.steps)
     if args.cmd == 'calc':
         args.features = args.features or stats_kind(args.ref) or 'inception'
         ref = load_stats(args.ref, args.features)  # fail on a bad --ref before any work
@@ -630,47 +644,6 @@ def main(argv=None):
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics of samples in model units (used by distill.py's snapshots and sample.py's figures).
-
-def sample_features(x, kind='inception', device='cpu', net=None):
-    """Images NCHW in [-1, 1] go through the uint8 path above; points (N, D) are their own features."""
-    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-    if x.ndim == 2:
-        return x.astype(np.float64)
-    return features(to_uint8(x), device=device, net=net, kind=kind)
-
-
-def proximal(net, ckpt, noisy_stats, num, kind='inception', device='cpu', inception=None, batch=256):
-    """Proximal FID (Sec. 4.4): corrupt `num` generated samples with sigma_n exactly as the data was corrupted
-    (noise of sample s from (0, s)), then the Fréchet distance to the statistics of the noisy training set."""
-    import pretrain
-    import sample
-    parts = []
-    for seeds, x in sample.generate(net, ckpt, list(range(num)), batch, device):
-        y = pretrain.make_noisy(x.numpy(), ckpt['sigma_n'], seed=0, index=seeds)
-        parts.append(sample_features(y, kind, device, inception))
-    return frechet_distance(*stats_of(np.concatenate(parts)), *noisy_stats)
-
-
-def curve_distance(points, curve):
-    """Mean distance from each point to a densely sampled clean support (the toy set's curve)."""
-    from scipy.spatial import cKDTree
-    return float(cKDTree(np.asarray(curve, np.float64)).query(np.asarray(points, np.float64))[0].mean())
-
-
-def w2_matching(a, b):
-    """Wasserstein-2 distance between two equal-size point sets by exact optimal matching (~1000 points)."""
-    from scipy.optimize import linear_sum_assignment
-    n = min(len(a), len(b))
-    a, b = np.asarray(a[:n], np.float64), np.asarray(b[:n], np.float64)
-    cost = ((a[:, None] - b[None]) ** 2).sum(-1)
-    rows, cols = linear_sum_assignment(cost)
-    return float(np.sqrt(cost[rows, cols].mean()))
-
 
 if __name__ == '__main__':
     main()

@@ -3,10 +3,13 @@
     python pretrain.py --data toy                          # 2-D toy, CPU, a minute
     torchrun --nproc_per_node=4 pretrain.py --sigma 0.2    # the paper's CIFAR-10 teacher
 
-This file also owns the data (loaders, the built-in sets) and the corruption y = x0 + sigma_n * eps;
-the later stages import them from here.
+Read top to bottom: the data and its corruption y = x0 + sigma_n * eps (the only data any stage trains on),
+augmentation, the losses of Eqs. (1) and (3), the training-loop bookkeeping that distill.py shares, the noise-level
+estimate for data of unknown sigma_n, and the loop of Algorithm 2.
 """
 import argparse
+import codecs
+import contextlib
 import copy
 import hashlib
 import io
@@ -15,7 +18,6 @@ import math
 import os
 import pickle
 import resource
-import sys
 import tarfile
 import time
 import urllib.request
@@ -24,40 +26,14 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
-import networks
+from networks import PRESETS, build_net, die, init_distributed, load_checkpoint, print0, save_checkpoint
+from sample import save_preview
 
 P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal training noise levels
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
-
-
-def die(msg):
-    """Bad input ends here: one line on stderr, exit code 2, no traceback."""
-    raise SystemExit(f'error: {msg}')
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed set-up (shared by every stage). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK.
-
-def init_distributed(device=None):
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    if device is None:
-        device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(device)
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', local_rank)             # one GPU per process
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return rank, world, device
-
-
-def print0(*a, **k):
-    if int(os.environ.get('RANK', '0')) == 0:
-        print(*a, **k, flush=True)
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +87,6 @@ class _NumpyOnly(pickle.Unpickler):
         if module == 'numpy' and name in ('ndarray', 'dtype'):
             return getattr(np, name)
         if (module, name) == ('_codecs', 'encode'):                       # how protocol 2 spells bytes
-            import codecs
             return codecs.encode
         raise pickle.UnpicklingError(f'unexpected global {module}.{name}')
 
@@ -150,39 +125,30 @@ def load_cifar10(data_dir):
     return np.concatenate(batches).reshape(-1, 3, 32, 32)        # uint8 NCHW, the 50k training images
 
 
-def decode_images(named_blobs, source):
-    from PIL import Image
-    images, shape = [], None
-    for name, blob in named_blobs:
+def load_images(path, flag='--data'):
+    """An image folder (searched recursively) or a .zip of images -> uint8 NHWC RGB, in sorted file order. The one
+    image reader: training data here, `fid.py calc --images` there."""
+    if os.path.isdir(path):
+        names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        read = lambda name: open(name, 'rb').read()
+    else:
         try:
-            img = np.asarray(Image.open(io.BytesIO(blob)).convert('RGB'))
-        except Exception:
-            die(f'{source}: cannot decode image {name}')
-        if img.shape[0] != img.shape[1]:
-            die(f'{source}: image {name} is {img.shape[1]}x{img.shape[0]}; images must be square '
-                '(crop or resize them, e.g. with EDM\'s dataset_tool.py)')
-        if shape is not None and img.shape != shape:
-            die(f'{source}: image {name} is {img.shape[1]}x{img.shape[0]} but earlier ones are '
-                f'{shape[1]}x{shape[0]}; all images must have the same size')
-        shape = img.shape
-        images.append(img)
-    if not images:
-        die(f'{source}: no PNG/JPEG images found')
-    return np.stack(images).transpose(0, 3, 1, 2)
-
-
-def load_image_dir(path):
-    names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
-    return decode_images(((n, open(n, 'rb').read()) for n in names), path)
-
-
-def load_image_zip(path):
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))
-            return decode_images(((n, z.read(n)) for n in names), path)
-    except zipfile.BadZipFile:
-        die(f'{path}: not a readable zip file')
+            read = zipfile.ZipFile(path).read
+        except (zipfile.BadZipFile, OSError):
+            die(f'{flag} {path}: not a readable zip file')
+        names = sorted(n for n in read.__self__.namelist() if n.lower().endswith(IMAGE_EXTS))
+    if not names:
+        die(f'{flag} {path}: no image files ({"/".join(IMAGE_EXTS)}) in it or below')
+    images = []
+    for name in names:
+        try:
+            images.append(np.asarray(Image.open(io.BytesIO(read(name))).convert('RGB')))
+        except Exception as e:
+            die(f'{flag} {path}: cannot read image {name} ({type(e).__name__})')
+        if images[-1].shape != images[0].shape:
+            (h, w), (h0, w0) = images[-1].shape[:2], images[0].shape[:2]
+            die(f'{flag} {path}: {name} is {w}x{h} but {names[0]} is {w0}x{h0}; all images must have one size')
+    return np.stack(images)
 
 
 def load_array(path):
@@ -206,13 +172,11 @@ def load_data(data, data_dir=None):
     name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
     if data == 'cifar10':
         u8 = load_cifar10(data_dir)
-    elif os.path.isdir(data):
-        u8 = load_image_dir(data)
-    elif os.path.isfile(data) and data.endswith('.zip'):
-        u8 = load_image_zip(data)
+    elif os.path.isdir(data) or (os.path.isfile(data) and data.endswith('.zip')):
+        u8 = load_images(data).transpose(0, 3, 1, 2)
     elif os.path.isfile(data) and data.endswith(('.npy', '.npz')):
         arr = load_array(data)
-        if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] == arr.shape[2]:
+        if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3):
             u8 = arr.transpose(0, 3, 1, 2)                  # uint8 NHWC images
         elif arr.dtype.kind == 'f' and arr.ndim == 2:
             return arr.astype(np.float32), dict(name=name, kind='points')
@@ -226,25 +190,29 @@ def load_data(data, data_dir=None):
             'or a .npy/.npz array')
     else:
         die(f'--data {data}: unsupported file type; use an image folder, a .zip, or a .npy/.npz array')
+    if u8.shape[2] != u8.shape[3]:
+        die(f'--data {data}: images are {u8.shape[3]}x{u8.shape[2]}; they must be square (crop or resize them, '
+            "e.g. with EDM's dataset_tool.py)")
     if len(u8) < 2:
         die(f'--data {data}: needs at least 2 images, found {len(u8)}')
     return u8.astype(np.float32) / 127.5 - 1, dict(name=name, kind='images')
 
 
-def make_noisy(clean, sigma, seed=0, index=None):
-    """y_i = x_i + sigma * eps_i with eps_i drawn from a generator seeded by (seed, i): the same set on every rank,
-    every run and after resume. Float32 and never clipped. `index` gives the item numbers (default 0..N-1)."""
+def make_noisy(clean, sigma, seed=0, index=None, stream=0):
+    """y_i = x_i + sigma * eps_i, float32, never clipped; eps_i comes from a generator seeded by (seed, i), so the set
+    is the same on every rank, in every run and after resume. `index` numbers the items (default 0..N-1); another
+    `stream` (Proximal FID's) draws noise that no training item uses."""
     clean = np.asarray(clean, np.float32)
     if sigma == 0:
         return clean.copy()
     index = range(len(clean)) if index is None else index
-    noise = np.stack([np.random.default_rng((seed, int(i))).standard_normal(clean.shape[1:], np.float32)
-                      for i in index])
+    key = lambda i: (seed, int(i)) if stream == 0 else (seed, int(i), 1, stream)   # never a data item's (seed, i)
+    noise = np.stack([np.random.default_rng(key(i)).standard_normal(clean.shape[1:], np.float32) for i in index])
     return clean + np.float32(sigma) * noise
 
 
 def noisy_dataset(data, sigma, seed=0, data_dir=None, already_noisy=False):
-    """The only data training ever sees: the fixed noisy set (Alg. 2, line 1)."""
+    """Alg. 2, line 1: the only data training ever sees, the fixed noisy set."""
     x, info = load_data(data, data_dir)
     if already_noisy:
         return x, info
@@ -286,10 +254,10 @@ def augment(y, p, g):
 
 
 # ----------------------------------------------------------------------------------------------
-# The denoising losses. The fake net in distill.py trains with the same function.
+# Algorithm 2's pieces. The fake net in distill.py trains with the same loss (Alg. 1, line 9).
 
 def sample_sigma(n, sigma_n, loss, g):
-    """Alg. 2, line 2: EDM's log-normal noise levels; the adjusted way clamps them to >= sigma_n."""
+    """Alg. 2, line 2: EDM's log-normal noise levels; the ambient loss clamps them to >= sigma_n."""
     sigma = (torch.randn(n, generator=g) * P_STD + P_MEAN).exp()
     return sigma.clamp(min=sigma_n) if loss == 'ambient' else sigma
 
@@ -322,12 +290,6 @@ def update_ema(ema, net, beta):
         pe.copy_(p.detach().lerp(pe, beta))
 
 
-def memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 def batch_indices(step, batch, n, seed):
     """Positions step*batch ... of an endless stream of shuffled epochs; every rank computes the same list."""
     pos = np.arange(step * batch, (step + 1) * batch)
@@ -339,17 +301,219 @@ def batch_indices(step, batch, n, seed):
     return out
 
 
+def draw_batch(data, step, cfg, augment_dim, g):
+    """Alg. 2, line 2: this step's minibatch of noisy data (with augmentation and its labels), its noise levels and
+    noise. Everything is drawn for the global batch from (seed, step); each process then takes its share."""
+    y = data[torch.from_numpy(batch_indices(step, cfg['batch'], len(data), cfg['seed']))]
+    if cfg['xflip'] and y.ndim == 4:
+        y = torch.where(torch.rand(len(y), 1, 1, 1, generator=g) < 0.5, y.flip(3), y)
+    labels = None
+    if augment_dim:
+        y, labels = augment(y, cfg['augment'], g) if cfg['augment'] else (y, torch.zeros(len(y), 9))
+    return y, sample_sigma(len(y), cfg['sigma_n'], cfg['loss'], g), torch.randn(y.shape, generator=g), labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-loop bookkeeping, shared with distill.py: step counts, the optimizer step over micro-batches and
+# processes, progress lines, resume and snapshots. None of it is the algorithm; the loops call it around the steps.
+
+def step_generator(seed, step):
+    """All the randomness of one step comes from (seed, step): any number of processes draws the same numbers, and a
+    resumed run continues exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def steps_of(kimg, batch):
+    return max(1, round(kimg * 1000 / batch))
+
+
+def split_batch(batch, batch_gpu, world):
+    """Each process takes batch / world samples, in micro-batches of --batch-gpu whose gradients accumulate."""
+    batch_gpu = batch_gpu or batch // world
+    if batch_gpu < 1 or batch % (world * batch_gpu):
+        die(f'--batch {batch} is not divisible by world size {world} x --batch-gpu {batch_gpu}; '
+            f'choose a batch that is a multiple of {world * max(batch_gpu, 1)}')
+    return batch_gpu
+
+
+def optimize(opt, net, ddp, loss_fn, tensors, seed, rank, world, batch_gpu, device, dtype=None):
+    """One optimizer step on loss_fn(*micro-batch) over this process's share of the global batch `tensors` (None
+    passes through). Gradients accumulate over micro-batches and DDP averages them over processes on the last one.
+    Dropout is seeded by (seed, first sample of the micro-batch), so N processes with --batch-gpu B take the step one
+    process with --batch-gpu B takes. Samples with a non-finite loss are dropped and non-finite gradients zeroed:
+    one bad sample cannot poison the weights. Returns (sum of per-sample mean losses, samples, samples dropped)."""
+    share = len(tensors[0]) // world
+    opt.zero_grad(set_to_none=True)
+    total, done, bad = 0.0, 0, 0
+    for i in range(rank * share, (rank + 1) * share, batch_gpu):
+        part = [t if t is None else t[i:i + batch_gpu].to(device) for t in tensors]
+        if device.type == 'cuda':
+            part = [t.contiguous(memory_format=torch.channels_last) if t is not None and t.ndim == 4 else t for t in part]
+        torch.manual_seed(int(np.random.SeedSequence((*seed, i)).generate_state(1)[0]))
+        last = i + batch_gpu >= (rank + 1) * share
+        with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                per = loss_fn(*part).float().flatten(1)
+            ok = per.isfinite().all(1)
+            (per[ok].sum() / share).backward()
+        total += per[ok].mean(1).sum().item()
+        done, bad = done + len(per), bad + int((~ok).sum())
+    for p in net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    opt.step()
+    return total, done, bad
+
+
+def memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def log_tick(outdir, sums, step, total_steps, batch, tick_start, run_start, device, rank, world):
+    """Sum this tick's totals over the processes, print one progress line and append it to stats.jsonl. Keys
+    'loss*' are averaged over 'images' (the samples processed); the rest are counts."""
+    vals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(vals)
+    s = dict(zip(sums, vals.tolist()))
+    n = max(s['images'], 1)
+    sec_kimg = (time.time() - tick_start) / (n / 1000)
+    rec = dict(kimg=round(step * batch / 1000, 3), **{k: v / n if k.startswith('loss') else int(v) for k, v in s.items()},
+               sec_per_kimg=sec_kimg, eta_s=(total_steps - step) * batch / 1000 * sec_kimg, mem_gb=memory_gb(device),
+               time_s=time.time() - run_start)
+    print0(f'kimg {rec["kimg"]:9.2f}  ' + '  '.join(f'{k} {rec[k]:+.4f}' for k in s if k.startswith('loss')) +
+           f'  sec/kimg {sec_kimg:7.2f}  ETA {rec["eta_s"] / 60:7.1f} min  mem {rec["mem_gb"]:.2f} GB')
+    if rank == 0:
+        with open(os.path.join(outdir, 'stats.jsonl'), 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+    return rec
+
+
+def start_run(outdir, record, rank):
+    if rank == 0:
+        os.makedirs(outdir, exist_ok=True)
+        with open(os.path.join(outdir, 'config.json'), 'w') as f:
+            json.dump(record, f, indent=2, default=str)
+
+
+def resume_checkpoint(resume, outdir, kind, net_config, cfg, keys):
+    """--resume: the run's latest.pt (or the file given), checked to be this very run so that it continues exactly."""
+    path = os.path.join(outdir, 'latest.pt') if resume == 'latest' else resume
+    if not os.path.isfile(path):
+        die(f'--resume: {path} does not exist; run without --resume to start, or give the latest.pt to resume')
+    ck = load_checkpoint(path)
+    if ck.get('kind') != kind or 'state' not in ck:
+        die(f'--resume {path}: not a {"pretraining" if kind == "teacher" else "distillation"} checkpoint with '
+            f'training state')
+    if ck['net'] != net_config:
+        diff = sorted(k for k in set(ck['net']) | set(net_config) if ck['net'].get(k) != net_config.get(k))
+        die(f'--resume {path}: that run has another architecture (differs in {", ".join(diff)}); use its flags '
+            f'or a new --outdir')
+    for k in keys:
+        if ck['config'].get(k) != cfg[k]:
+            die(f'--resume {path}: that run used {k}={ck["config"].get(k)!r}, this one {cfg[k]!r}; use its flags '
+                f'or a new --outdir')
+    print0(f'resuming {path} at {ck["kimg"]:.1f} kimg')
+    return ck
+
+
+def write_snapshot(outdir, ckpt, ema, device):
+    """latest.pt (atomically, with the training state) and a preview of the EMA network, named by images seen."""
+    save_checkpoint(os.path.join(outdir, 'latest.pt'), ckpt)
+    save_preview(ema, ckpt, os.path.join(outdir, f'samples-{round(ckpt["kimg"] * 1000):09d}img.png'), device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The noise level of images nobody gave sigma_n for (--sigma auto, --estimate-sigma): the patch-PCA estimate of
+# Chen, Zhu & Heng (ICCV 2015). In the covariance of small patches, a tail of small eigenvalues is filled by the
+# noise alone; their mean is sigma^2. Two refinements keep it unbiased on images with edges: each patch is split by
+# a 2x2 Haar transform, texture is judged on the coarse part and the noise measured on the fine details (independent
+# under white noise, so the choice of patches cannot favour low noise), and only patches whose coarse part looks
+# like noise alone are kept (weak texture, after Liu, Tanaka & Okutomi 2013). Points have no estimator.
+
+def _mp_median(ratio):
+    """Median of the Marchenko-Pastur law (unit variance, dims/samples = ratio): where the sample-covariance
+    eigenvalues of pure noise split in half."""
+    r = np.atleast_1d(np.asarray(ratio, np.float64))[:, None]
+    lo, hi = (1 - np.sqrt(r)) ** 2, (1 + np.sqrt(r)) ** 2
+    x = lo + (hi - lo) * (1 - np.cos(np.linspace(0, np.pi, 400))) / 2       # dense at both square-root edges
+    pdf = np.sqrt(np.clip((hi - x) * (x - lo), 0, None)) / (2 * np.pi * r * x)
+    cdf = np.cumsum(pdf * np.gradient(x, axis=1), axis=1)
+    return np.array([np.interp(c[-1] / 2, c, xs) for c, xs in zip(cdf, x)])
+
+
+def _noise_variance(d):
+    """Chen et al.'s rule on the covariance of the rows of d: the largest set of smallest eigenvalues whose mean,
+    scaled by the finite-sample median of pure noise, is not above their median holds noise only; sigma^2 is their
+    mean. Returns (sigma^2, how many eigenvalues)."""
+    t = torch.from_numpy(d)
+    t = t - t.mean(0, dtype=torch.float64).float()
+    lam = np.clip(np.linalg.eigvalsh((t.T @ t).double().numpy() / (len(d) - 1)), 0, None)   # ascending
+    m = np.arange(1, len(lam) + 1)
+    means, medians = np.cumsum(lam) / m, (lam[(m - 1) // 2] + lam[m // 2]) / 2
+    k = np.nonzero(means * _mp_median(m / len(d)) <= medians * (1 + 1e-12))[0].max()
+    return means[k], k + 1
+
+
+def _texture(coarse):
+    return (np.diff(coarse, axis=-1) ** 2).sum((1, 2, 3)) + (np.diff(coarse, axis=-2) ** 2).sum((1, 2, 3))
+
+
+def estimate_sigma(x, seed=0, n_patches=100_000):
+    """Blind estimate of the std of i.i.d. Gaussian noise in images (N, C, H, W): dict(sigma, std, method, n)."""
+    x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float32)
+    if x.ndim != 4 or not np.isfinite(x).all():
+        die(f'--sigma auto estimates the noise of images (N, C, H, W); got data of shape {x.shape}. Give the noise '
+            f'level of points with --sigma S')
+    rng = np.random.default_rng(seed)
+    n, c, h, w = x.shape
+    p = 8 if min(h, w) >= 32 else 6 if min(h, w) >= 12 else 4                  # even patch side
+    while p > 4 and n * (h - p + 1) * (w - p + 1) < 200 * 3 * c * (p // 2) ** 2:
+        p -= 2                                                                  # >= 200 patches per dimension
+    total = n * (h - p + 1) * (w - p + 1)
+    idx = rng.choice(total, n_patches, replace=False) if total > n_patches else np.arange(total)
+    img, row, col = np.unravel_index(idx, (n, h - p + 1, w - p + 1))
+    win = np.lib.stride_tricks.sliding_window_view(x, (p, p), axis=(2, 3))[img, :, row, col]   # (k, C, p, p)
+    a, b, cc, d = win[..., 0::2, 0::2], win[..., 0::2, 1::2], win[..., 1::2, 0::2], win[..., 1::2, 1::2]
+    coarse = (a + b + cc + d) / 2                                               # orthonormal 2x2 Haar transform
+    fine = np.concatenate([a - b + cc - d, a + b - cc - d, a - b - cc + d], 1).reshape(len(idx), -1) / 2
+    texture = _texture(coarse)
+    order = np.argsort(texture, kind='stable')
+    texture, fine, img = texture[order], np.ascontiguousarray(fine[order]), img[order]
+    limit = np.quantile(_texture(rng.standard_normal((20000, *coarse.shape[1:]))), 0.99)   # unit noise's texture
+    var, dims = _noise_variance(fine[rng.permutation(len(fine))[:20000]])      # all patches: an over-estimate
+    keep = -1
+    for _ in range(20):   # keep the patches whose coarse part is as flat as noise of the current estimate, re-estimate
+        new = max(int(np.searchsorted(texture, var * limit, side='right')), min(len(fine), 10 * fine.shape[1]))
+        if new == keep:
+            break
+        keep = new
+        var, dims = _noise_variance(fine[:keep])
+    k, parts = min(10, keep // (2 * fine.shape[1])), []                      # the spread over k groups of images
+    if k >= 2:
+        groups = img[:keep] % k if n >= k else rng.integers(0, k, keep)
+        parts = [math.sqrt(_noise_variance(fine[:keep][groups == j])[0]) for j in range(k)
+                 if (groups == j).sum() > fine.shape[1]]
+    sigma = math.sqrt(var)
+    return dict(sigma=sigma, std=float(np.std(parts, ddof=1) / math.sqrt(len(parts))) if len(parts) > 1 else math.nan, n=n,
+                method=f'patch PCA on weak-texture patches (Chen et al. 2015; {p}x{p}x{c} patches, {keep} of '
+                       f'{len(idx)} kept, {dims} of {fine.shape[1]} detail dimensions noise only)')
+
+
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='DSD Phase I: train an EDM teacher on noisy data (Algorithm 2).')
     p.add_argument('--data', default='cifar10', help='cifar10 | toy | shapes | image folder | .zip | .npy/.npz')
     p.add_argument('--data-dir', default=None, help='where cifar-10-python.tar.gz lives (else $DSD_DATA, ./data)')
-    p.add_argument('--sigma', default='0.2', help='sigma_n, the noise level of the data; "auto" estimates it')
+    p.add_argument('--sigma', default='0.2', help='sigma_n, the noise level of the data; "auto" estimates it (images)')
     p.add_argument('--already-noisy', action='store_true', help='the data is noisy as given: add no noise')
-    p.add_argument('--estimate-sigma', action='store_true', help='print an estimate of sigma_n and exit')
+    p.add_argument('--estimate-sigma', action='store_true', help='print an estimate of sigma_n (images) and exit')
     p.add_argument('--loss', default='ambient', choices=['ambient', 'standard'],
-                   help='ambient = Eq. (3), learns the clean score above sigma_n; standard = Eq. (1)')
+                   help='ambient = Eq. (3), learns the clean score above sigma_n (the paper\'s adjusted way); '
+                        'standard = Eq. (1)')
     p.add_argument('--preset', default=None, help='cifar10|ffhq64|afhq64|celebahq64|tiny|toy (default: by data)')
     p.add_argument('--kimg', type=float, help='training length in thousands of images')
     p.add_argument('--batch', type=int, help='total batch size')
@@ -368,7 +532,7 @@ def parse_args(argv=None):
                    help='continue the run in --outdir (or from the given latest.pt) exactly where it stopped')
     p.add_argument('--init', default=None, help='start from published weights (our .pt or an EDM .pkl)')
     p.add_argument('--seed', type=int, default=0, help='seed of the noisy set and of training')
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'])
     p.add_argument('--compile', action='store_true', help='torch.compile the network')
     p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     p.add_argument('--dry-run', action='store_true', help='print the resolved configuration and exit')
@@ -393,18 +557,17 @@ def resolve(args):
             sigma = float(args.sigma)
         except ValueError:
             die(f'--sigma {args.sigma}: not a number; give sigma_n >= 0 (e.g. 0.2) or "auto"')
-        if not sigma >= 0:
-            die(f'--sigma {args.sigma}: the noise level must be >= 0 (0 is plain EDM training)')
+        if not 0 <= sigma < math.inf:
+            die(f'--sigma {args.sigma}: the noise level must be a finite number >= 0 (0 is plain EDM training)')
     if sigma is None and not args.already_noisy:
         die('--sigma auto estimates the noise of data that is already noisy; add --already-noisy')
     y, info = noisy_dataset(args.data, sigma, args.seed, args.data_dir, args.already_noisy)
     estimate = estimate_sigma(y, args.seed) if sigma is None or args.estimate_sigma else None
     sigma = estimate['sigma'] if sigma is None else sigma
     preset = args.preset or default_preset(args.data, y, info)
-    if preset not in networks.PRESETS:
-        die(f'--preset {preset}: unknown; choose from {", ".join(networks.PRESETS)}')
-    net_cfg = copy.deepcopy(networks.PRESETS[preset]['net'])
-    train = dict(networks.PRESETS[preset]['train'])
+    if preset not in PRESETS:
+        die(f'--preset {preset}: unknown; choose from {", ".join(PRESETS)}')
+    net_cfg, train = copy.deepcopy(PRESETS[preset]['net']), dict(PRESETS[preset]['train'])
     if (info['kind'] == 'points') != (net_cfg.get('arch') == 'mlp'):
         die(f'--preset {preset} is for {"points" if net_cfg.get("arch") == "mlp" else "images"} but --data '
             f'{args.data} holds {info["kind"]}; use --preset {"toy" if info["kind"] == "points" else "tiny"}')
@@ -414,19 +577,19 @@ def resolve(args):
         net_cfg['img_resolution'], net_cfg['img_channels'] = y.shape[-1], y.shape[1]
     if args.dropout is not None:
         net_cfg['dropout'] = args.dropout
-    for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'tick', 'snap'):
+    for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'ema_rampup', 'tick', 'snap'):
         if getattr(args, k) is not None:
             train[k] = getattr(args, k)
-    if args.ema_rampup is not None:
-        train['ema_rampup'] = args.ema_rampup
     train.setdefault('tick', max(train['kimg'] / 100, 0.1))
     train.setdefault('snap', max(train['kimg'] / 10, train['tick']))
+    if train['augment'] and info['kind'] == 'points':
+        die('--augment applies to images; use --augment 0 for point data')
     cfg = dict(data=args.data, sigma_n=sigma, loss=args.loss, preset=preset, seed=args.seed,
                already_noisy=args.already_noisy, xflip=args.xflip, precision=args.precision, **train)
     cfg['noisy_sha256'] = hashlib.sha256(y.tobytes()).hexdigest()[:16]     # the fixed noisy set's fingerprint
     if estimate is not None:
         cfg['sigma_estimate'] = estimate
-    cfg['outdir'] = args.outdir or os.path.join('runs', f'pretrain-{info["name"]}-sigma{args.sigma if sigma is None else f"{sigma:g}"}')
+    cfg['outdir'] = args.outdir or os.path.join('runs', f'pretrain-{info["name"]}-sigma{sigma:g}')
     return cfg, net_cfg, y, info
 
 
@@ -434,668 +597,85 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
     cfg, net_cfg, y, info = resolve(args)
-    if device.type == 'cpu' and net_cfg.get('arch') == 'mlp':
+    if device.type == 'cpu' and info['kind'] == 'points':
         torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
     if args.estimate_sigma:
         e = cfg['sigma_estimate']
-        print0(f'estimated sigma_n = {e["sigma"]:.4f} +- {e["std"]:.4f} ({e["method"]}, {e["n"]} samples)'
+        print0(f'estimated sigma_n = {e["sigma"]:.4f} +- {e["std"]:.4f} ({e["method"]}, {e["n"]} images)'
                + ('  -- no noise detected' if e['sigma'] < 0.01 else ''))
         return
-    batch_gpu = args.batch_gpu or cfg['batch'] // world
-    if cfg['batch'] % (world * batch_gpu):
-        die(f'--batch {cfg["batch"]} is not divisible by world size {world} x --batch-gpu {batch_gpu}; '
-            f'choose a batch that is a multiple of {world * batch_gpu}')
-    accum = cfg['batch'] // (world * batch_gpu)
+    batch_gpu = split_batch(cfg['batch'], args.batch_gpu, world)
     if world > 1:                                   # every rank must hold the same noisy set
         shas = [None] * world
         dist.all_gather_object(shas, cfg['noisy_sha256'])
         if len(set(shas)) > 1:
             die(f'the ranks drew different noisy sets ({shas}); check that every node sees the same --data')
     if args.dry_run:
-        print0(json.dumps(dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu, accum=accum,
-                               data_shape=list(y.shape)), indent=2, default=str))
+        print0(json.dumps(dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu, data_shape=list(y.shape)),
+                          indent=2, default=str))
         return
-    if cfg['augment'] and info['kind'] == 'points':
-        die('--augment applies to images; use --augment 0 for point data')
 
-    # Network, EMA teacher, optimizer (Alg. 2, line 1).
+    # Alg. 2, line 1: the network D_phi, its EMA (the teacher) and the optimizer.
     torch.manual_seed(cfg['seed'])
-    net = networks.build_net(net_cfg).to(device)
+    net = build_net(net_cfg).to(device)
     if args.init:
-        init = networks.load_checkpoint(args.init)
+        init = load_checkpoint(args.init)
         if init['net'] != net.config:
             die(f'--init {args.init}: its network {init["net"]} differs from this run\'s {net.config}')
         net.load_state_dict(init['ema'])
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg['lr'], betas=(0.9, 0.999), eps=1e-8)
     step = 0
-    latest = os.path.join(cfg['outdir'], 'latest.pt')
     if args.resume:
-        path = latest if args.resume == 'latest' else args.resume
-        if not os.path.isfile(path):
-            die(f'--resume: {path} does not exist; run without --resume to start, or give the latest.pt to resume')
-        ck = networks.load_checkpoint(path)
-        if ck.get('kind') != 'teacher' or 'state' not in ck:
-            die(f'--resume {path}: not a pretraining checkpoint with training state')
-        if ck['net'] != net.config:
-            diff = sorted(k for k in set(ck['net']) | set(net.config) if ck['net'].get(k) != net.config.get(k))
-            die(f'--resume {path}: that run has another architecture (differs in {", ".join(diff)}); '
-                f'use its --preset/--dropout or a new --outdir')
-        for k in ('data', 'sigma_n', 'loss', 'seed', 'already_noisy', 'noisy_sha256'):
-            if ck['config'][k] != cfg[k]:
-                die(f'--resume {path}: that run used {k}={ck["config"][k]!r}, this one {cfg[k]!r}')
+        ck = resume_checkpoint(args.resume, cfg['outdir'], 'teacher', net.config, cfg,
+                               ('data', 'sigma_n', 'loss', 'seed', 'batch', 'already_noisy', 'noisy_sha256'))
         net.load_state_dict(ck['state']['net'])
         ema.load_state_dict(ck['ema'])
         opt.load_state_dict(ck['state']['opt'])
         step = ck['state']['step']
-        print0(f'resuming {path} at {step * cfg["batch"] / 1000:.1f} kimg')
     if device.type == 'cuda' and info['kind'] == 'images':
         net, ema = net.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
         if world > 1 else net
     fwd = torch.compile(ddp) if args.compile else ddp
-    dtype = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)[cfg['precision']]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg['precision'] == 'fp16')
-    data = torch.from_numpy(y)
-    sigma_n, loss_kind = float(cfg['sigma_n']), cfg['loss']
-    total_steps = max(1, round(cfg['kimg'] * 1000 / cfg['batch']))
-    tick_steps = max(1, round(cfg['tick'] * 1000 / cfg['batch']))
-    snap_steps = max(1, round(cfg['snap'] * 1000 / cfg['batch']))
-    if rank == 0:
-        os.makedirs(cfg['outdir'], exist_ok=True)
-        with open(os.path.join(cfg['outdir'], 'config.json'), 'w') as f:
-            json.dump(dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), f, indent=2, default=str)
-        print0(f'{info["name"]}: {len(data)} noisy {info["kind"]} {tuple(data.shape[1:])}, sigma_n={sigma_n:g}, '
-               f'loss={loss_kind}, preset={cfg["preset"]}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M '
-               f'params, {total_steps} steps of {cfg["batch"]} on {world} x {device.type}')
+    dtype = torch.bfloat16 if cfg['precision'] == 'bf16' else None
+    data, sigma_n, loss = torch.from_numpy(y), float(cfg['sigma_n']), cfg['loss']
+    total, tick, snap = (steps_of(cfg[k], cfg['batch']) for k in ('kimg', 'tick', 'snap'))
+    start_run(cfg['outdir'], dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), rank)
+    print0(f'{info["name"]}: {len(data)} noisy {info["kind"]} {tuple(data.shape[1:])}, sigma_n={sigma_n:g}, '
+           f'loss={loss}, preset={cfg["preset"]}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, '
+           f'{total} steps of {cfg["batch"]} on {world} x {device.type}')
 
-    t0, tick_t0, tick_loss, tick_n = time.time(), time.time(), 0.0, 0
-    while step < total_steps:
-        # Alg. 2, line 2: a minibatch of noisy data. The randomness of a step depends on (seed, step) only,
-        # so one process and N processes with the same global batch take the same step, and resume is exact.
-        g = torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + step)
-        torch.manual_seed(cfg['seed'] * 1_000_003 + step * 7919 + rank)        # dropout
-        idx = torch.from_numpy(batch_indices(step, cfg['batch'], len(data), cfg['seed']))
-        yb = data[idx]
-        if cfg['xflip'] and info['kind'] == 'images':
-            yb = torch.where(torch.rand(len(yb), 1, 1, 1, generator=g) < 0.5, yb.flip(3), yb)
-        labels = None
-        if net_cfg.get('augment_dim'):
-            yb, labels = augment(yb, cfg['augment'], g) if cfg['augment'] else (yb, torch.zeros(len(yb), 9))
-        sigma = sample_sigma(len(yb), sigma_n, loss_kind, g)
-        eps = torch.randn(yb.shape, generator=g)
-        lr = cfg['lr'] * min(step * cfg['batch'] / max(cfg['warmup'] * 1000, 1e-8), 1)
-        for group in opt.param_groups:
-            group['lr'] = lr
-        opt.zero_grad(set_to_none=True)
-        lo = rank * batch_gpu * accum
-        for a in range(accum):
-            sl = slice(lo + a * batch_gpu, lo + (a + 1) * batch_gpu)
-            lab = labels[sl].to(device) if labels is not None else None
-            yy = yb[sl].to(device)
-            if device.type == 'cuda' and yy.ndim == 4:
-                yy = yy.contiguous(memory_format=torch.channels_last)
-            sync = a == accum - 1 or world == 1
-            ctx = ddp.no_sync() if not sync else torch.enable_grad()
-            with ctx, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                # Alg. 2, lines 3-4: corrupt further to level sigma and regress (Eq. 3 or Eq. 1)
-                per_elem = denoising_loss(fwd, yy, sigma[sl].to(device), eps[sl].to(device), sigma_n, loss_kind, lab)
-                loss = per_elem.float().sum() / (cfg['batch'] // world)
-            scaler.scale(loss).backward()
-            tick_loss += loss.item() * (cfg['batch'] // world) / per_elem[0].numel()
-            tick_n += batch_gpu
-        scaler.unscale_(opt)
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        scaler.step(opt)
-        scaler.update()
+    run_start = tick_start = time.time()
+    sums = dict(loss=0.0, images=0, nonfinite=0)
+    while step < total:
+        g = step_generator(cfg['seed'], step)
+        y_b, sigma, eps, labels = draw_batch(data, step, cfg, net_cfg['augment_dim'], g)    # Alg. 2, line 2
+        for group in opt.param_groups:                   # EDM's linear learning-rate warm-up
+            group['lr'] = cfg['lr'] * min(step * cfg['batch'] / max(cfg['warmup'] * 1000, 1e-8), 1)
+        # Alg. 2, lines 3-4: corrupt further to level sigma and take a gradient step on Eq. (3) or Eq. (1)
+        step_loss = lambda y_b, sigma, eps, labels: denoising_loss(fwd, y_b, sigma, eps, sigma_n, loss, labels)
+        out = optimize(opt, net, ddp, step_loss, (y_b, sigma, eps, labels), (cfg['seed'], step, 0), rank, world,
+                       batch_gpu, device, dtype)
         step += 1
-        # Alg. 2, line 5: EMA of the weights; the EMA is the teacher.
-        update_ema(ema, net, ema_beta(cfg['batch'], step * cfg['batch'], cfg['ema'], cfg['ema_rampup']))
-
-        done = step == total_steps
-        if step % tick_steps == 0 or done:
-            stats = torch.tensor([tick_loss, tick_n], dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(stats)
-            kimg, dt = step * cfg['batch'] / 1000, time.time() - tick_t0
-            sec_kimg = dt / max(stats[1].item() / 1000, 1e-9)
-            rec = dict(kimg=round(kimg, 3), loss=stats[0].item() / max(stats[1].item(), 1), sec_per_kimg=sec_kimg,
-                       eta_s=(total_steps - step) * cfg['batch'] / 1000 * sec_kimg, mem_gb=memory_gb(device),
-                       time_s=time.time() - t0)
-            print0(f'kimg {rec["kimg"]:9.1f}  loss {rec["loss"]:.4f}  sec/kimg {sec_kimg:7.2f}  '
-                   f'ETA {rec["eta_s"] / 60:7.1f} min  mem {rec["mem_gb"]:.2f} GB')
-            if rank == 0:
-                with open(os.path.join(cfg['outdir'], 'stats.jsonl'), 'a') as f:
-                    f.write(json.dumps(rec) + '\n')
-            tick_t0, tick_loss, tick_n = time.time(), 0.0, 0
-        if step % snap_steps == 0 or done:
-            if rank == 0:
-                ckpt = dict(format='dsd-1', kind='teacher', net=ema.config, ema=ema.state_dict(), sigma_n=sigma_n,
-                            loss=loss_kind, data=cfg['data'], kimg=step * cfg['batch'] / 1000, config=cfg,
-                            state=dict(net=net.state_dict(), opt=opt.state_dict(), step=step))
-                networks.save_checkpoint(latest, ckpt)
-                import sample                       # sample.py owns the samplers and the grid writer
-                sample.save_preview(ema, ckpt, os.path.join(cfg['outdir'], f'samples-{step * cfg["batch"] // 1000:06d}kimg.png'), device)
+        update_ema(ema, net, ema_beta(cfg['batch'], step * cfg['batch'], cfg['ema'], cfg['ema_rampup']))  # Alg. 2, line 5
+        for k, v in zip(sums, out):
+            sums[k] += v
+        if step % tick == 0 or step == total:
+            log_tick(cfg['outdir'], sums, step, total, cfg['batch'], tick_start, run_start, device, rank, world)
+            tick_start, sums = time.time(), dict.fromkeys(sums, 0)
+        if step % snap == 0 or step == total:
+            if rank == 0:                                # the EMA is the teacher
+                write_snapshot(cfg['outdir'], dict(format='dsd-1', kind='teacher', net=ema.config,
+                                                   ema=ema.state_dict(), sigma_n=sigma_n, loss=loss, data=cfg['data'],
+                                                   kimg=step * cfg['batch'] / 1000, config=cfg,
+                                                   state=dict(net=net.state_dict(), opt=opt.state_dict(), step=step)),
+                               ema, device)
             if world > 1:
                 dist.barrier()
-    print0(f'done: {latest}')
+    print0(f'done: {os.path.join(cfg["outdir"], "latest.pt")}')
     if world > 1:
         dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------
-# Noise-level estimation for data whose sigma_n nobody told us (--sigma auto, --estimate-sigma).
-# Blind estimation of the std of additive i.i.d. Gaussian noise in a data set.
-#
-# estimate_sigma(x, seed=0) -> dict(sigma, std, method, n, no_noise, ...)
-#
-# * images, NCHW (or NHW): the patch-PCA estimator of Chen, Zhu & Heng, "An Efficient
-#   Statistical Method for Image Noise Level Estimation", ICCV 2015: eigenvalues of the
-#   covariance of random patches; the noise-only ("redundant") dimensions are the largest
-#   set of smallest eigenvalues whose mean is not above their median; sigma^2 = their mean.
-#   Two additions keep it unbiased on data sets with strong edges and on small samples:
-#   - weak-texture patches only (iterated threshold on texture, in the spirit of Liu, Tanaka &
-#     Okutomi 2013), with texture measured on the 2x2-Haar LL part of a patch and Chen's rule
-#     run on the Haar detail part, whose noise is independent of the LL noise -- so the
-#     selection cannot pick low-noise patches;
-#   - the median is compared with the Marchenko-Pastur (finite-sample) median of pure noise.
-# * points, (N, D): two estimates, the smaller is kept (both are only ever inflated when their
-#   geometric picture is wrong):
-#   - local PCA: for random query points a tangent frame from the PCA of the neighbourhood
-#     (scipy cKDTree); the coordinate along the smallest principal direction is regressed on a
-#     quadratic in the tangent coordinates inside a slab |u| <= 3 sigma, |v| <= 3.5 sigma, with
-#     the slab size found as a fixed point from below; pooled residuals -> robust sigma.
-#   - mode level: a Gaussian mixture (EM, K <= 10 by BIC); sigma^2 = the mean smallest
-#     covariance eigenvalue of the components.  Needed when pieces/modes are only a few sigma
-#     long (blobs), where every local neighbourhood also catches the next piece.
-#   Assumes intrinsic dimension < D (at least one noise-only direction everywhere).
-#
-# 'std' is a bootstrap over image groups / query neighbourhoods (mixture: spread across
-# components).  Written from the papers' descriptions; numpy + scipy (torch, when importable,
-# only for the large matrix products).
-
-NO_NOISE_THRESHOLD = 0.01  # absolute; data assumed O(1) scaled (images in [-1, 1])
-
-
-# ----------------------------------------------------------------------------- images
-def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for the large products.  Uses torch's CPU matmul when torch is importable: numpy's
-    threaded OpenBLAS was seen to slow down 10-20x on an oversubscribed 2-core machine, torch not."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return a @ b
-    return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.ascontiguousarray(b))).numpy()
-
-
-def _mp_median_exact(gm) -> np.ndarray:
-    """Median of the Marchenko-Pastur law (unit variance, ratios 0 < gm <= 1), vectorised."""
-    gm = np.atleast_1d(np.asarray(gm, dtype=np.float64))[:, None]
-    a, b = (1 - np.sqrt(gm)) ** 2, (1 + np.sqrt(gm)) ** 2
-    t = np.linspace(0.0, math.pi, 2001)[None]     # x = a + (b-a)(1-cos t)/2 removes the
-    xx = a + (b - a) * (1 - np.cos(t)) / 2          # square-root edges of the density
-    dens = np.sqrt(np.clip((b - xx) * (xx - a), 0, None)) / (2 * math.pi * gm * np.maximum(xx, 1e-300))
-    w = dens * (b - a) * np.sin(t) / 2
-    cdf = np.concatenate([np.zeros((gm.shape[0], 1)), np.cumsum(0.5 * (w[:, 1:] + w[:, :-1]) * np.diff(t), 1)], 1)
-    return np.array([np.interp(0.5 * c[-1], c, x) for c, x in zip(cdf, xx)])
-
-
-_MP_LOG_GAMMA = np.linspace(math.log(1e-6), 0.0, 241)
-_MP_TABLE: list = []
-
-
-def _mp_median(gamma) -> np.ndarray:
-    """Median sample-covariance eigenvalue of unit white noise, dims/samples = gamma <= 1
-    (Marchenko-Pastur; tabulated once, interpolated in log gamma)."""
-    if not _MP_TABLE:
-        _MP_TABLE.append(_mp_median_exact(np.exp(_MP_LOG_GAMMA)))
-    lg = np.log(np.clip(np.asarray(gamma, dtype=np.float64), 1e-6, 1.0))
-    return np.interp(lg, _MP_LOG_GAMMA, _MP_TABLE[0])
-
-
-def _chen_noise_var(eigs: np.ndarray, n_samples: int | None = None) -> tuple[float, int]:
-    """Chen et al. 2015: the largest m such that the m smallest eigenvalues have mean <=
-    median is taken as the noise-only set; sigma^2 = their mean.  With n_samples given, the
-    median is compared with the finite-sample (Marchenko-Pastur, ratio m/n) median of pure
-    noise instead of with the mean itself, which removes the downward bias of the plain rule
-    when the number of patches is only ~10-100x the patch dimension.  Returns (var, m)."""
-    lam = np.sort(np.clip(np.asarray(eigs, dtype=np.float64), 0.0, None))
-    r = lam.size
-    m = np.arange(1, r + 1)
-    means = np.cumsum(lam) / m
-    medians = 0.5 * (lam[(m - 1) // 2] + lam[m // 2])
-    ratio = np.ones(r) if not n_samples else _mp_median(m / float(n_samples))
-    ok = means * ratio <= medians * (1.0 + 1e-12) + 1e-300
-    mm = int(np.nonzero(ok)[0].max()) + 1  # m=1 always satisfies it
-    return float(means[mm - 1]), mm
-
-
-def _sample_haar_patches(x: np.ndarray, p: int, n_patches: int, rng: np.random.Generator):
-    """Random p x p x C patches (p even), returned already split by an orthonormal 2x2 Haar
-    transform: LL (n, C, p/2, p/2) and details (n, 3*C*(p/2)^2), float32, plus the image
-    index of each patch.  For white noise LL and details are independent, each with std sigma."""
-    N, C, H, W = x.shape
-    ny, nx = H - p + 1, W - p + 1
-    total = N * ny * nx
-    if total <= n_patches:  # take every position
-        idx = np.arange(total)
-    elif total < 4 * n_patches:
-        idx = rng.choice(total, size=n_patches, replace=False)
-    else:
-        idx = rng.integers(0, total, size=n_patches)
-    img, rem = np.divmod(idx, ny * nx)
-    yy, xx = np.divmod(rem, nx)
-    h = p // 2
-    # offsets ordered (corner of the 2x2 block, channel, block row, block col)
-    cy, cx = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
-    ch, by, bx = np.meshgrid(np.arange(C), np.arange(h), np.arange(h), indexing="ij")
-    off = ((ch[None] * H + 2 * by[None] + cy[:, None, None, None]) * W
-           + 2 * bx[None] + cx[:, None, None, None]).reshape(-1)
-    base = (img * C * H + yy) * W + xx
-    flat = np.ascontiguousarray(x).reshape(-1)
-    Q = flat[base[:, None] + off[None, :]].astype(np.float32, copy=False).reshape(len(idx), 4, C * h * h)
-    a, b, c, d = Q[:, 0], Q[:, 1], Q[:, 2], Q[:, 3]
-    ll = (0.5 * ((a + b) + (c + d))).reshape(len(idx), C, h, h)
-    det = np.concatenate([0.5 * ((a - b) + (c - d)), 0.5 * ((a + b) - (c + d)), 0.5 * ((a - b) - (c - d))], 1)
-    return ll, det, img
-
-
-def _haar_mad_sigma(x: np.ndarray, rng: np.random.Generator, max_images: int = 2000) -> float:
-    """Cross-check (Donoho): MAD of the finest diagonal Haar coefficients.  Biased
-    upward by edges/texture; only reported, not used for 'sigma'."""
-    N = x.shape[0]
-    sel = x if N <= max_images else x[np.sort(rng.choice(N, max_images, replace=False))]
-    H2, W2 = (sel.shape[2] // 2) * 2, (sel.shape[3] // 2) * 2
-    s = sel[:, :, :H2, :W2].astype(np.float64)
-    hh = 0.5 * (s[:, :, 0::2, 0::2] - s[:, :, 0::2, 1::2] - s[:, :, 1::2, 0::2] + s[:, :, 1::2, 1::2])
-    return float(np.median(np.abs(hh)) / 0.6744897501960817)
-
-
-def _grad_energy(G: np.ndarray) -> np.ndarray:
-    """Sum of squared horizontal + vertical neighbour differences of (n, C, h, w) grids."""
-    gx = np.diff(G, axis=3)
-    gy = np.diff(G, axis=2)
-    return (gx * gx).sum((1, 2, 3)) + (gy * gy).sum((1, 2, 3))
-
-
-def _estimate_images(x: np.ndarray, seed: int, n_patches: int = 100_000, patch: int | None = None,
-                     n_boot: int = 20, n_groups: int = 20, texture_q: float = 0.99, max_iter: int = 20,
-                     n_init: int = 20_000) -> dict:
-    """Chen et al. 2015 on weak-texture patches.
-
-    Patches p x p x C (p even: 8 from 32 px up, else 6; 4 when the data set has fewer than
-    ~200 positions per detail dimension) are split by an orthonormal 2x2 Haar
-    transform into a coarse part (LL) and fine details.  Texture is judged on LL only: its
-    gradient energy must lie below the 99% quantile of pure noise at the current estimate
-    (iterated downwards from an all-patch estimate, in the spirit of Liu et al. 2013).
-    Chen's eigenvalue rule (with a Marchenko-Pastur finite-sample median) then runs on the
-    covariance of the details of the selected patches.  Under white Gaussian noise the LL
-    noise is independent of the detail noise, so the selection does not bias sigma."""
-    rng = np.random.default_rng(seed)
-    if x.ndim == 3:
-        x = x[:, None]
-    N, C, H, W = x.shape
-    if patch is None:
-        # largest even patch (8 from 32 px up, else 6; at most half the image side) with
-        # >= 200 candidate positions per detail dimension; never below 4
-        p = 4
-        for cand in (8, 6):
-            if cand <= (8 if min(H, W) >= 32 else 6) and 2 * cand <= min(H, W) and \
-                    N * (H - cand + 1) * (W - cand + 1) >= 200 * 3 * C * (cand // 2) ** 2:
-                p = cand
-                break
-        p = min(p, max(2, 2 * (min(H, W) // 4)))
-    else:
-        p = int(patch)
-    ll, det, img = _sample_haar_patches(x, p, n_patches, rng)
-    n = det.shape[0]
-    r = det.shape[1]
-    g = _grad_energy(ll)
-    del ll
-    thr_unit = float(np.quantile(_grad_energy(rng.standard_normal((20000, C, p // 2, p // 2))), texture_q))
-    order = np.argsort(g, kind="stable")
-    g_sorted = g[order]
-
-    # covariance of the details of the m least textured patches, built incrementally
-    state = dict(m=0, S=np.zeros((r, r)), s1=np.zeros(r))
-
-    def prefix_cov(m):
-        lo, hi = sorted((state["m"], m))
-        blk = det[order[lo:hi]]                   # float32 block products, float64 sums
-        sgn = 1.0 if m > state["m"] else -1.0     # grow or shrink the selected prefix
-        state["S"] += sgn * _matmul(blk.T, blk).astype(np.float64)
-        state["s1"] += sgn * blk.sum(0, dtype=np.float64)
-        state["m"] = m
-        mu = state["s1"] / m
-        return (state["S"] - m * np.outer(mu, mu)) / (m - 1)
-
-    def chen_of(cov, m):
-        return _chen_noise_var(np.linalg.eigvalsh(cov), m)
-
-    # start: all-texture estimate on a random subset (an over-estimate when texture is present)
-    sub = det[rng.choice(n, min(n, n_init), replace=False)]
-    sub = sub - sub.mean(0, dtype=np.float64).astype(np.float32)
-    var, m_noise = chen_of(_matmul(sub.T, sub).astype(np.float64) / (sub.shape[0] - 1), sub.shape[0])
-    del sub
-    n_min = int(min(n, 10 * r))
-    m_sel = -1
-    for _ in range(max_iter):
-        m_new = max(int(np.searchsorted(g_sorted, var * thr_unit, side="right")), n_min)
-        if m_new == m_sel:
-            break
-        m_sel = m_new
-        var, m_noise = chen_of(prefix_cov(m_sel), m_sel)
-    sigma = math.sqrt(var)
-
-    # uncertainty: bootstrap over image groups (texture selection held fixed, Chen's rule re-run)
-    sel = order[:m_sel]
-    img_s = img[sel]
-    grp = (rng.permutation(N)[img_s] % n_groups) if N >= n_groups else rng.integers(0, n_groups, m_sel)
-    cnt = np.bincount(grp, minlength=n_groups).astype(np.float64)
-    S = np.zeros((n_groups, r, r))
-    s1 = np.zeros((n_groups, r))
-    for gi in range(n_groups):
-        Dg = det[sel[grp == gi]]
-        S[gi] = _matmul(Dg.T, Dg)
-        s1[gi] = Dg.sum(0, dtype=np.float64)
-    Wb = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
-    boot = []
-    for w in Wb:
-        nn = w @ cnt
-        if nn < 2 * r:
-            continue
-        mu = (w @ s1) / nn
-        cov = (np.tensordot(w, S, 1) - nn * np.outer(mu, mu)) / (nn - 1)
-        boot.append(math.sqrt(chen_of(cov, int(nn))[0]))
-    return dict(
-        sigma=sigma,
-        std=float(np.std(boot, ddof=1)) if len(boot) > 1 else float("nan"),
-        method=(f"images: chen2015 patch-PCA on weak-texture patches (patch {p}x{p}x{C}, "
-                f"Haar-detail dims {r}, noise dims {m_noise}, patches {m_sel}/{n})"),
-        n=int(N),
-        n_used=int(m_sel),
-        noise_dims=int(m_noise),
-        sigma_haar_mad=_haar_mad_sigma(x, rng),
-        no_noise=bool(sigma < NO_NOISE_THRESHOLD),
-    )
-
-
-# ----------------------------------------------------------------------------- points
-_TRUNC = 4.0  # residuals beyond TRUNC * robust sigma are dropped in the refinement
-# variance of a standard normal truncated to [-c, c]
-_TRUNC_VAR = 1.0 - 2 * _TRUNC * math.exp(-_TRUNC ** 2 / 2) / math.sqrt(2 * math.pi) / math.erf(_TRUNC / math.sqrt(2))
-
-
-def _pooled_sigma(res: np.ndarray) -> float:
-    """Robust scale of pooled residuals: MAD, then variance of |e| < 4 MAD-sigma
-    (corrected for the truncation)."""
-    if res.size == 0:
-        return 0.0
-    s_mad = 1.4826 * float(np.median(np.abs(res)))
-    if s_mad <= 0:
-        return float(np.sqrt(np.mean(res ** 2)))
-    keep = np.abs(res) < _TRUNC * s_mad
-    return float(np.sqrt(np.mean(res[keep] ** 2) / _TRUNC_VAR))
-
-
-def _design(u: np.ndarray, quad: bool) -> np.ndarray:
-    cols = [np.ones((u.shape[0], 1)), u]
-    if quad:
-        d = u.shape[1]
-        iu, ju = np.triu_indices(d)
-        cols.append(u[:, iu] * u[:, ju])
-    return np.concatenate(cols, 1)
-
-
-def _local_residuals(x, tree, queries, r_floor, sigma, a, b, k_min, rng, split, max_nb):
-    """One pass: for every query, frame by local PCA, quadratic fit of the normal
-    coordinate in a slab |u| <= h, |v| <= R; returns list of dof-scaled residuals."""
-    D = x.shape[1]
-    h_all = np.maximum(a * sigma, r_floor)
-    R_all = np.maximum(b * sigma, 0.5 * h_all)
-    q = x[queries]
-    ball_t = tree.query_ball_point(q, h_all, return_sorted=False)
-    ball_s = tree.query_ball_point(q, np.sqrt(h_all ** 2 + R_all ** 2) + 0.5 * h_all, return_sorted=False)
-    out = []
-    for i in range(len(queries)):
-        A = np.asarray(ball_t[i])
-        if A.size < k_min:
-            out.append(np.empty(0))
-            continue
-        if A.size > max_nb:
-            A = rng.choice(A, max_nb, replace=False)
-        B = np.asarray(ball_s[i])
-        if split:  # cross-fitting: frame from one half, residuals from the other
-            half = rng.random(B.size) < 0.5
-            A = B[half & np.isin(B, A)]
-            B = B[~half]
-            if A.size < D + 2:
-                out.append(np.empty(0))
-                continue
-        XA = x[A]
-        c = XA.mean(0)
-        XA = XA - c
-        _, V = np.linalg.eigh(XA.T @ XA)
-        nrm, tan = V[:, 0], V[:, 1:]
-        XB = x[B] - c
-        u = XB @ tan
-        v = XB @ nrm
-        h, R = h_all[i], R_all[i]
-        m = (np.sqrt((u ** 2).sum(1)) <= h) & (np.abs(v) <= R)
-        u, v = u[m], v[m]
-        if u.shape[0] > 2 * max_nb:
-            keep = rng.choice(u.shape[0], 2 * max_nb, replace=False)
-            u, v = u[keep], v[keep]
-        quad = u.shape[0] >= 4 * (1 + (D - 1) + (D - 1) * D // 2)
-        X = _design(u / max(h, 1e-30), quad)
-        p = X.shape[1]
-        if u.shape[0] < p + 3:
-            out.append(np.empty(0))
-            continue
-        e = None
-        for _ in range(2):  # least squares, then once more without gross outliers (other branches)
-            keep = np.ones(v.size, bool) if e is None else np.abs(e) <= 3.0 * 1.4826 * np.median(np.abs(e)) + 1e-300
-            if keep.sum() < p + 3:
-                break
-            Xk, vk = X[keep], v[keep]
-            try:
-                coef = np.linalg.solve(Xk.T @ Xk, Xk.T @ vk)
-            except np.linalg.LinAlgError:
-                coef = np.linalg.lstsq(Xk, vk, rcond=None)[0]
-            e = v - X @ coef
-        out.append(e * math.sqrt(e.size / (e.size - p)))
-    return out
-
-
-def _points_local(x, rng, sigma0, sigma_abort, n_query=150, k_min=20, a=3.0, b=3.5, max_iter=30,
-                  n_boot=200, max_nb=250, n_ref=5000):
-    """Self-consistent local PCA / quadratic-fit estimate (good for curves long compared with sigma).
-    Returns sigma = inf if the iteration grows past sigma_abort (no local fixed point)."""
-    from scipy.spatial import cKDTree
-
-    if x.shape[0] > n_ref:  # neighbourhoods are capped at max_nb points anyway
-        x = x[rng.choice(x.shape[0], n_ref, replace=False)]
-    N, D = x.shape
-    k_min = int(min(k_min, max(D + 3, N // 4)))
-    tree = cKDTree(x)
-    queries = rng.choice(N, size=min(n_query, N), replace=False)
-    dk, _ = tree.query(x[queries], k=k_min + 1)
-    r_floor = dk[:, -1] * (1 + 1e-9)
-    split = D > 2
-    # Fixed point sigma = S(sigma).  Start low (the k_min-NN scale) so that the first fixed
-    # point from below is found; in a locally full-dimensional blob S(sigma) ~ 2 sigma, so
-    # the scale grows (at most x2 per step) until the slab is wider than the noise.
-    # Growth phase on a third of the queries, final convergence on all of them.
-    sigma = max(min(float(sigma0), float(np.median(r_floor)) / a), 1e-12)
-    n_fast = max(1, len(queries) // 3)
-    fast = True
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        qs = slice(0, n_fast) if fast else slice(None)
-        res = _local_residuals(x, tree, queries[qs], r_floor[qs], sigma, a, b, k_min, rng, split, max_nb)
-        new = _pooled_sigma(np.concatenate(res))
-        new = min(new, 2.0 * sigma) if sigma > 0 else new
-        change = abs(new - sigma) / max(sigma, 1e-12)
-        sigma = new
-        if sigma > sigma_abort:
-            return math.inf, math.nan, f"local-pca+quadratic(no local fixed point below {sigma_abort:.3g})"
-        if fast:
-            fast = change > 0.05
-        elif change <= 0.005:
-            break
-    sizes = np.array([r.size for r in res])
-    ok = np.nonzero(sizes > 0)[0]
-    # bootstrap over query neighbourhoods (truncation threshold held fixed)
-    cut = _TRUNC * 1.4826 * float(np.median(np.abs(np.concatenate(res))))
-    ss = np.array([float((r[np.abs(r) < cut] ** 2).sum()) for r in res])[ok]
-    cc = np.array([float((np.abs(r) < cut).sum()) for r in res])[ok]
-    W = rng.multinomial(ok.size, np.full(ok.size, 1.0 / ok.size), size=n_boot) if ok.size > 1 else None
-    std = float(np.std(np.sqrt(W @ ss / np.maximum(W @ cc, 1) / _TRUNC_VAR), ddof=1)) if W is not None \
-        else float("nan")
-    info = f"local-pca+quadratic(queries={ok.size}, k_min={k_min}, slab |u|<={a:g}s |v|<={b:g}s, iters={n_iter})"
-    return float(sigma), std, info
-
-
-def _gmm_fit(Z, K, rng, iters=60, tol=2e-5, reg=1e-9):
-    """Plain EM for a K-component full-covariance Gaussian mixture (k-means++ start)."""
-    n, D = Z.shape
-    c = [Z[rng.integers(n)]]
-    d2 = ((Z - c[0]) ** 2).sum(1)
-    for _ in range(1, K):
-        c.append(Z[rng.choice(n, p=d2 / d2.sum())])
-        d2 = np.minimum(d2, ((Z - c[-1]) ** 2).sum(1))
-    mu = np.array(c)
-    for _ in range(10):  # a few Lloyd steps
-        lab = ((Z ** 2).sum(1)[:, None] - 2 * Z @ mu.T + (mu ** 2).sum(1)[None]).argmin(1)
-        cnt = np.bincount(lab, minlength=K)
-        sums = np.stack([np.bincount(lab, weights=Z[:, j], minlength=K) for j in range(D)], 1)
-        mu = np.where(cnt[:, None] > 0, sums / np.maximum(cnt, 1)[:, None], mu)
-    R = np.zeros((n, K))
-    R[np.arange(n), lab] = 1.0
-    prev = -np.inf
-    eye = np.eye(D)
-    for _ in range(iters):
-        nk = R.sum(0) + 1e-12
-        mu = (R.T @ Z) / nk[:, None]
-        diff = Z[:, None, :] - mu[None]                                     # n, K, D
-        cov = np.einsum("nkd,nke->kde", R[:, :, None] * diff, diff, optimize=True) / nk[:, None, None] + reg * eye
-        _, logdet = np.linalg.slogdet(cov)
-        y = np.einsum("nkd,kde->nke", diff, np.linalg.inv(cov), optimize=True)
-        logp = -0.5 * ((y * diff).sum(-1) + logdet[None]) + np.log(nk / n)[None]
-        m = logp.max(1, keepdims=True)
-        lli = m[:, 0] + np.log(np.exp(logp - m).sum(1))
-        R = np.exp(logp - lli[:, None])
-        ll = float(lli.sum()) - 0.5 * n * D * math.log(2 * math.pi)
-        if ll - prev <= tol * abs(ll):
-            break
-        prev = ll
-    npar = K * (D + D * (D + 1) // 2) + K - 1
-    nk = R.sum(0) + 1e-12  # parameters consistent with the final responsibilities
-    mu = (R.T @ Z) / nk[:, None]
-    diff = Z[:, None, :] - mu[None]
-    cov = np.einsum("nkd,nke->kde", R[:, :, None] * diff, diff, optimize=True) / nk[:, None, None] + reg * eye
-    return dict(ll=ll, bic=-2 * ll + npar * math.log(n), nk=nk, mu=mu, cov=cov, K=K)
-
-
-def _gmm_refine(Z, fit, steps=5, reg=1e-9):
-    """EM steps on Z starting from a fitted mixture (means, covariances, weights)."""
-    n, D = Z.shape
-    mu, cov, w = fit["mu"], fit["cov"], fit["nk"] / fit["nk"].sum()
-    for _ in range(steps):
-        diff = Z[:, None, :] - mu[None]
-        _, logdet = np.linalg.slogdet(cov)
-        y = np.einsum("nkd,kde->nke", diff, np.linalg.inv(cov), optimize=True)
-        logp = -0.5 * ((y * diff).sum(-1) + logdet[None]) + np.log(w)[None]
-        R = np.exp(logp - logp.max(1, keepdims=True))
-        R /= R.sum(1, keepdims=True)
-        nk = R.sum(0) + 1e-12
-        w = nk / n
-        mu = (R.T @ Z) / nk[:, None]
-        diff = Z[:, None, :] - mu[None]
-        cov = np.einsum("nkd,nke->kde", R[:, :, None] * diff, diff, optimize=True) / nk[:, None, None] \
-            + reg * np.eye(D)
-    return dict(fit, mu=mu, cov=cov, nk=nk)
-
-
-def _points_mixture(x, rng, n_fit=2000, k_max=10):
-    """Mode-level estimate: Gaussian mixture (K by BIC, K <= k_max) -> each component's
-    smallest covariance eigenvalue is sigma^2 when its clean part is < D dimensional
-    (short pieces / blobs that are only a few sigma long, where local slabs fail)."""
-    N, D = x.shape
-    Z = x[rng.choice(N, n_fit, replace=False)] if N > n_fit else x
-    best, worse = None, 0
-    for K in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16):
-        if K > 1 and (K > k_max or K * 10 * (D + 1) > Z.shape[0]):
-            break
-        f = _gmm_fit(Z, K, rng)
-        if best is None or f["bic"] < best["bic"]:
-            best, worse = f, 0
-        else:
-            worse += 1
-            if worse >= 2:
-                break
-    if N > Z.shape[0]:  # a few EM steps on (up to 20k) points, from the selected fit
-        Zr = x[rng.choice(N, min(N, 20000), replace=False)]
-        best = _gmm_refine(Zr, best, steps=5)
-    lam = np.linalg.eigvalsh(best["cov"])[:, 0]
-    nk = best["nk"]
-    s2 = float((nk * lam).sum() / nk.sum())
-    # component-level (cluster-robust) uncertainty of the pooled variance
-    v2 = float(((nk * (lam - s2)) ** 2).sum()) / nk.sum() ** 2 if best["K"] > 1 else 2 * s2 ** 2 / nk.sum()
-    sigma = math.sqrt(max(s2, 0.0))
-    std = math.sqrt(v2) / (2 * sigma) if sigma > 0 else 0.0
-    return sigma, std, f"gaussian-mixture-min-eigenvalue(K={best['K']} by BIC, fit on {Z.shape[0]} points)"
-
-
-def _estimate_points(x: np.ndarray, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    x = np.asarray(x, dtype=np.float64)
-    N, D = x.shape
-    if D < 2:
-        raise ValueError("points need D >= 2 (intrinsic dimension < D is assumed)")
-    s_mix, sd_mix, m_mix = _points_mixture(x, rng)
-    s_loc, sd_loc, m_loc = _points_local(x, rng, sigma0=s_mix / 4, sigma_abort=1.5 * s_mix)
-    # Both estimates are (up to sampling noise) only ever inflated when their geometric picture
-    # is wrong -- curvature or several pieces inside one neighbourhood / mixture component --
-    # so the smaller one is kept.
-    if s_loc <= s_mix:
-        sigma, std, used = s_loc, sd_loc, m_loc
-    else:
-        sigma, std, used = s_mix, sd_mix, m_mix
-    return dict(
-        sigma=float(sigma),
-        std=float(std),
-        method=(f"points: {used}; assumes intrinsic dim < D={D} (noise = variance along the "
-                f"smallest local principal direction); local={s_loc:.4g}, mixture={s_mix:.4g}"),
-        n=int(N),
-        sigma_local=float(s_loc),
-        sigma_mixture=float(s_mix),
-        no_noise=bool(sigma < NO_NOISE_THRESHOLD),
-    )
-
-
-# ----------------------------------------------------------------------------- public
-def estimate_sigma(x, seed: int = 0) -> dict:
-    """Estimate the std of additive i.i.d. Gaussian noise.
-
-    x: images (N, C, H, W) or (N, H, W), e.g. uint8/127.5-1 + N(0, sigma^2) unclipped;
-       or points (N, D), D >= 2, lying near a manifold of dimension < D.
-    Returns dict(sigma, std (bootstrap), method, n, no_noise (sigma < 0.01), ...).
-    """
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-    if x.shape[0] < 1 or not np.isfinite(x).all():
-        raise ValueError("estimate_sigma needs a non-empty, finite array")
-    if x.ndim in (3, 4):
-        return _estimate_images(x, seed)
-    if x.ndim == 2:
-        return _estimate_points(x, seed)
-    raise ValueError(f"expected (N,C,H,W), (N,H,W) images or (N,D) points, got shape {x.shape}")
 
 
 if __name__ == '__main__':

@@ -1,10 +1,11 @@
-"""Sampling (Algorithm 3): Ambient-Full and Ambient-Truncated from a teacher, one step from a DSD generator.
+"""Sampling (Algorithm 3): Ambient-Full and Ambient-Truncated from a teacher, one step from a DSD generator;
+writing samples, grids and scatter plots.
 
     python sample.py --net runs/distill-toy-sigma0.2/best.pt --seeds 0-999 --out samples.npz
     torchrun --nproc_per_node=4 sample.py --net gen.pt --seeds 0-49999 --out samples/
-    python sample.py --net teacher.pt --generator gen.pt --figure fig4.png     # the paper's Fig. 4 / Fig. 2
 
 Every sample depends only on its seed: not on the batch size, nor on the number of processes.
+(The paper's Fig. 2 / Fig. 4 side-by-side pictures with their distances: `python fid.py figure`.)
 """
 import argparse
 import json
@@ -15,9 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import networks
-from fid import to_uint8                          # the one path from [-1, 1] to uint8
-from pretrain import die, init_distributed, print0
+from networks import build_net, die, init_distributed, load_checkpoint, print0
 
 
 def parse_seeds(text):
@@ -37,12 +36,12 @@ def parse_seeds(text):
 
 def load_net(path, device, kind=None):
     """A checkpoint -> (EMA network in eval mode, the checkpoint dict)."""
-    ckpt = networks.load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     if ckpt.get('kind') not in ('teacher', 'generator'):
         die(f'{path}: neither a teacher nor a generator checkpoint (kind={ckpt.get("kind")!r})')
     if kind is not None and ckpt['kind'] != kind:
         die(f'{path}: a {ckpt["kind"]} checkpoint, but a {kind} is needed here')
-    net = networks.build_net(ckpt['net'])
+    net = build_net(ckpt['net'])
     net.load_state_dict(ckpt['ema'])
     return net.to(device).eval().requires_grad_(False), ckpt
 
@@ -87,11 +86,16 @@ def default_steps(ckpt):
     return 40 if ckpt['net'].get('img_resolution', 0) >= 64 else 18
 
 
+def sample_shape(net_config):
+    """The shape of one sample: (C, H, W) for images, (D,) for points."""
+    c, r = net_config['img_channels'], net_config['img_resolution']
+    return (c,) if net_config.get('arch') == 'mlp' else (c, r, r)
+
+
 @torch.no_grad()
 def generate(net, ckpt, seeds, batch, device, mode=None, steps=None):
     """Yield (seeds, samples in model units on the CPU) batch by batch. mode: full|truncated for teachers."""
-    shape = (ckpt['net']['img_channels'],) if ckpt['net'].get('arch') == 'mlp' else \
-        (ckpt['net']['img_channels'], ckpt['net']['img_resolution'], ckpt['net']['img_resolution'])
+    shape = sample_shape(ckpt['net'])
     for i in range(0, len(seeds), batch):
         part = seeds[i:i + batch]
         z = latents(part, shape).to(device)
@@ -103,8 +107,16 @@ def generate(net, ckpt, seeds, batch, device, mode=None, steps=None):
         yield part, x.float().cpu()
 
 
+def to_uint8(x):
+    """Float images in [-1, 1], NCHW (numpy or torch) -> uint8 NHWC: clip, then round((x + 1) * 127.5).
+    Data, noisy data and samples all take this one path, to PNGs and to the FID network alike."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    return np.rint((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
 def grid_image(images_u8):
-    """uint8 NHWC -> one Pillow image, as square a grid as possible."""
+    """uint8 NHWC -> one Pillow image, as square a grid as possible; images under 64 px are enlarged
+    (nearest neighbour, at least 64 px a side) so that a person can see them."""
     from PIL import Image
     n, h, w, c = images_u8.shape
     cols = int(np.ceil(np.sqrt(n)))
@@ -112,11 +124,9 @@ def grid_image(images_u8):
     grid = np.full((rows * h, cols * w, c), 255, np.uint8)
     for k in range(n):
         grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = images_u8[k]
+    scale = max(1, -(-64 // h))
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
     return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
-
-
-def save_grid(images_u8, path):
-    grid_image(images_u8).save(path)
 
 
 def scatter(points, size=320, lim=1.9, background=None, colour=(30, 90, 200), title=None):
@@ -146,7 +156,7 @@ def save_preview(net, ckpt, path, device, n=None):
     if points:
         scatter(x.numpy(), title=os.path.basename(path)).save(path)
     else:
-        save_grid(to_uint8(x), path)
+        grid_image(to_uint8(x)).save(path)
 
 
 def write_samples(out, seeds, x):
@@ -171,10 +181,6 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=256, help='samples per forward pass and process')
     p.add_argument('--out', default=None, help='a folder for PNGs, or FILE.npz (array "samples")')
     p.add_argument('--grid', default=None, help='FILE.png: a grid (or scatter plot) of the samples')
-    p.add_argument('--generator', default=None, help='with --figure: the DSD generator to compare')
-    p.add_argument('--figure', default=None, help='FILE.png: compare noisy data, Ambient-Full, Ambient-'
-                                                  'Truncated and DSD (Fig. 4 for points, Fig. 2 for images)')
-    p.add_argument('--num', type=int, default=None, help='with --figure: samples per panel (1000 points / 2000 images)')
     p.add_argument('--device', default=None)
     p.add_argument('--dry-run', action='store_true', help='print the resolved configuration and exit')
     args = p.parse_args(argv)
@@ -193,8 +199,6 @@ def main(argv=None):
                     default_steps(ckpt), seeds=f'{seeds[0]}-{seeds[-1]} ({len(seeds)})', batch=args.batch,
                     world=world))
         return
-    if args.figure:
-        return figure(args, net, ckpt, device)
     mine = seeds[rank::world]                                            # torchrun splits the seeds
     t0, done, parts = time.time(), 0, []
     for part, x in generate(net, ckpt, mine, args.batch, device, args.mode, args.steps):
@@ -218,75 +222,10 @@ def main(argv=None):
             np.savez(args.out, samples=arr)
             print0(f'wrote {args.out}: samples {arr.dtype} {arr.shape}')
         if rank == 0 and args.grid:
-            scatter(x.numpy()).save(args.grid) if x.ndim == 2 else save_grid(to_uint8(x[:256]), args.grid)
+            (scatter(x.numpy()) if x.ndim == 2 else grid_image(to_uint8(x[:256]))).save(args.grid)
             print0(f'wrote {args.grid}')
     if world > 1:
         dist.destroy_process_group()
-
-
-def figure(args, net, ckpt, device):
-    """Noisy data, Ambient-Full, Ambient-Truncated and DSD side by side (the paper's Fig. 4 for points, Fig. 2 for
-    images), and a table of distances to the clean data where the data set can supply clean samples."""
-    from PIL import Image, ImageDraw
-    import fid
-    import pretrain
-    if ckpt['kind'] != 'teacher':
-        die(f'--figure: --net must be the teacher (pretrain.py), {args.net} is a {ckpt["kind"]}')
-    if not args.generator:
-        die('--figure needs --generator GEN.pt (the distilled one-step generator)')
-    gen, gen_ckpt = load_net(args.generator, device, kind='generator')
-    points = ckpt['net'].get('arch') == 'mlp'
-    n = args.num or (1000 if points else 2000)
-    seeds = list(range(n))
-    cfg = ckpt.get('config', {})
-    data = ckpt.get('data', 'toy')
-    noisy, _ = pretrain.noisy_dataset(data, ckpt['sigma_n'], cfg.get('seed', 0), None, cfg.get('already_noisy', False))
-    noisy = torch.from_numpy(noisy[np.random.default_rng(0).choice(len(noisy), min(n, len(noisy)), replace=False)])
-    cat = lambda it: torch.cat([x for _, x in it])
-    panels = {'noisy data': noisy,
-              'Ambient-Full': cat(generate(net, ckpt, seeds, args.batch, device, 'full', args.steps)),
-              'Ambient-Truncated': cat(generate(net, ckpt, seeds, args.batch, device, 'truncated', args.steps)),
-              'DSD (one step)': cat(generate(gen, gen_ckpt, seeds, args.batch, device))}
-    clean = pretrain.builtin_clean(data, n) if data in pretrain.BUILTIN else None
-    table = {}
-    if clean is not None and points:
-        curve = pretrain.toy_curve()
-        for k, x in panels.items():
-            table[k] = dict(curve_dist=fid.curve_distance(x.numpy(), curve), w2=fid.w2_matching(x.numpy(), clean))
-    elif clean is not None:
-        ref = fid.stats_of(fid.sample_features(clean, 'pixel'))
-        for k, x in panels.items():
-            table[k] = dict(pixel_fd=fid.frechet_distance(*fid.stats_of(fid.sample_features(x, 'pixel')), *ref))
-    if points:
-        bg = pretrain.toy_curve(4000) if data == 'toy' else None
-        tiles = [scatter(x.numpy(), background=bg, title=k) for k, x in panels.items()]
-    else:
-        tiles = []
-        for k, x in panels.items():
-            m = min(64, len(x))
-            tile = grid_image(to_uint8(x[:m])).convert('RGB')
-            scale = max(1, 256 // tile.width)
-            tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
-            canvas = Image.new('RGB', (tile.width, tile.height + 18), 'white')
-            canvas.paste(tile, (0, 18))
-            ImageDraw.Draw(canvas).text((4, 3), k, fill=(0, 0, 0))
-            tiles.append(canvas)
-    w, h = tiles[0].size
-    out = Image.new('RGB', (w * len(tiles) + 6 * (len(tiles) - 1), h), 'white')
-    for i, t in enumerate(tiles):
-        out.paste(t, (i * (w + 6), 0))
-    out.save(args.figure)
-    print0(f'wrote {args.figure}')
-    if table:
-        keys = list(next(iter(table.values())))
-        names = dict(curve_dist='mean dist. to clean curve', w2='W2 to clean (1000-pt matching)',
-                     pixel_fd='pixel FD to clean')
-        print0(f'{"sampler":20s}' + ''.join(f'{names[k]:>34s}' for k in keys))
-        for name, row in table.items():
-            print0(f'{name:20s}' + ''.join(f'{row[k]:34.4f}' for k in keys))
-        with open(os.path.splitext(args.figure)[0] + '.json', 'w') as f:
-            json.dump(table, f, indent=2)
-    return table
 
 
 if __name__ == '__main__':
