@@ -19,19 +19,30 @@ import torch.distributed as dist
 
 from fid import frechet_distance, generated_features, load_inception, load_stats, noisy_reference, proximal, stats_of
 from networks import build_net, die, init_distributed, load_checkpoint, print0, save_checkpoint
-from pretrain import (denoising_loss, ema_beta, log_tick, optimize, resume_checkpoint, sample_sigma, split_batch,
-                      start_run, step_generator, steps_of, update_ema, write_snapshot)
+from pretrain import (apply_augment, augment_choices, denoising_loss, ema_beta, log_tick, optimize, resume_checkpoint,
+                      sample_sigma, split_batch, start_run, step_generator, steps_of, update_ema, write_snapshot)
 from sample import one_step, sample_shape
 
-# Distillation recipes per teacher preset: SiD's for the paper's nets; the small nets need a larger lr and a
-# smaller batch to move within CPU minutes (see README, "What to expect on a CPU").
+# Distillation recipes per teacher preset. The paper's 32x32 and 64x64 runs are "identical to SiD" (App. D.2); the
+# values are SiD's published launch settings (mingyuanzhou/SiD run_sid.sh, with sid_train.py's defaults where a
+# launch line sets none): cifar10, run_sid.sh lines 25-45: batch 256, lr = glr 1e-5, g_beta1 0 (default), alpha 1.2,
+# dropout 0.13 and augment 0.12 (defaults); ffhq64, lines 101-125: batch 512, lr = glr 1e-5, --g_beta1 0.9, alpha 1.2,
+# --dropout 0.05, --augment 0.15; afhq64, lines 128-151: batch 512, --lr = --glr 5e-6, g_beta1 0, --alpha 1.0,
+# --dropout 0.05, --augment 0.15. celebahq64 has no SiD recipe; the authors' RSD code gives it FFHQ's
+# (TianyuCodings/RSD run_bash/distill.sh, operator/run_bash/celeba_train_sid.sh). The fake net's Adam betas are
+# (0, 0.999) in all (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64). dropout applies to
+# the fake net and the generator; augment to the fake net's loss (None: the teacher's). tiny / toy are CPU recipes.
+_SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, ema=500, tick=50, snap=1000, fid_num=50000)
 RECIPES = {
-    'cifar10': dict(lr=1e-5, glr=1e-5, batch=256, kimg=100000, ema=500, tick=50, snap=2000, fid_num=50000),
-    'ffhq64': dict(lr=1e-5, glr=1e-5, batch=256, kimg=15000, ema=500, tick=50, snap=1000, fid_num=50000),
-    'tiny': dict(lr=1e-4, glr=1e-4, batch=32, kimg=16, ema=500, tick=1, snap=4, fid_num=2000),
-    'toy': dict(lr=1e-4, glr=1e-4, batch=256, kimg=512, ema=500, tick=32, snap=128, fid_num=2000),
+    'cifar10': dict(_SID, batch=256, kimg=100000, dropout=0.13, augment=0.12, snap=2000),
+    'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
+    'afhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, lr=5e-6, glr=5e-6, alpha=1.0),
+    'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
+    'tiny': dict(lr=1e-4, glr=1e-4, gbeta1=0.0, alpha=1.2, batch=32, kimg=16, ema=500, tick=1, snap=4, fid_num=2000,
+                 dropout=None, augment=None),
+    'toy': dict(lr=1e-4, glr=1e-4, gbeta1=0.0, alpha=1.2, batch=256, kimg=512, ema=500, tick=32, snap=128,
+                fid_num=2000, dropout=None, augment=None),
 }
-RECIPES['afhq64'] = RECIPES['celebahq64'] = RECIPES['ffhq64']
 
 
 def sid_sigmas(n, g, tmax=800, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -56,26 +67,28 @@ def generator_loss(x, d_real, d_fake, method='sid', alpha=1.2):
     return 0.5 * (x - (x - grad).detach()) ** 2
 
 
-def fake_score_step(G, fake, z, eps_n, sigma, eps, c):
+def fake_score_step(G, fake, z, eps_n, sigma, eps, choices, labels, c):
     """Alg. 1, lines 4-9, the fake-score step on one batch: f_psi learns the score of the generator's samples seen
-    through the data's corruption, with the teacher's own loss. Returns the per-element loss that psi minimises."""
+    through the data's corruption, with the teacher's own loss (and augmentation, when the teacher's recipe
+    augments: it only moves pixels, so the noise stays i.i.d.). Returns the per-element loss that psi minimises."""
     with torch.no_grad():
-        x_g = one_step(G, z, c['sigma_init']).float()                        # Alg. 1, lines 5-6: x_g = G(sigma_init z)
+        x_g = one_step(G, z, c['sigma_init'])                                # Alg. 1, lines 5-6: x_g = G(sigma_init z)
     y_g = x_g + c['sigma_n'] * eps_n                                          # Alg. 1, lines 7-8: corrupt like the data
-    return denoising_loss(fake, y_g, sigma, eps, c['sigma_n'], c['loss'])    # Alg. 1, line 9: Eq. (3) or Eq. (1)
+    y_g = apply_augment(y_g, choices) if choices is not None else y_g
+    return denoising_loss(fake, y_g, sigma, eps, c['sigma_n'], c['loss'], labels)   # Alg. 1, line 9: Eq. (3) / (1)
 
 
 def generator_step(G, teacher, fake, z, eps_n, sigma, eps, c):
     """Alg. 1, lines 10-12, the generator step on one batch: the divergence between the teacher's and the fake net's
     predictions at the generator's corrupted samples. Returns the per-element loss that theta minimises."""
-    x_g = one_step(G, z, c['sigma_init']).float()                             # Alg. 1, line 10: with grad to theta
+    x_g = one_step(G, z, c['sigma_init'])                                     # Alg. 1, line 10: with grad to theta
     # Alg. 1, line 11: the generator sees its samples through the data's corruption. Ambient loss:
     # x_g + sigma_n eps1 + sqrt(sigma^2 - sigma_n^2) eps2 ~ x_g + sigma eps; standard loss: y_g + sigma eps.
     x_in = x_g if c['loss'] == 'ambient' else x_g + c['sigma_n'] * eps_n
     x_sigma = x_in + sigma.reshape(-1, *[1] * (x_in.ndim - 1)) * eps
     with torch.set_grad_enabled(c['method'] == 'sid' and torch.is_grad_enabled()):   # DMD/SDS: stop-gradient
-        d_real = teacher(x_sigma, sigma).float()
-        d_fake = fake(x_sigma, sigma).float() if c['method'] != 'sds' else d_real
+        d_real = teacher(x_sigma, sigma)
+        d_fake = fake(x_sigma, sigma) if c['method'] != 'sds' else d_real
     return c['lsg'] * generator_loss(x_in, d_real, d_fake, c['method'], c['alpha'])   # Alg. 1, line 12: Eq. (2)
 
 
@@ -101,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument('--sigma', type=float, default=None, help='sigma_n (default: the teacher\'s)')
     p.add_argument('--teacher', default=None, help='default runs/pretrain-<data>-sigma<sigma>/latest.pt')
     p.add_argument('--method', default='sid', help='sid (D-SiD, default) | dmd (D-DMD) | sds (D-SDS)')
-    p.add_argument('--alpha', type=float, default=1.2, help='SiD\'s alpha')
+    p.add_argument('--alpha', type=float, help='SiD\'s alpha (default: the recipe\'s, 1.2; AFHQ-v2 1.0)')
     p.add_argument('--loss', default=None, choices=['ambient', 'standard'],
                    help='ambient (Eq. 3, the paper\'s adjusted way) or standard (Eq. 1); default: the teacher\'s')
     p.add_argument('--force-loss', action='store_true', help='allow a --loss other than the teacher\'s')
@@ -112,6 +125,11 @@ def parse_args(argv=None):
                    help='paper-literal variant: generator noise levels >= sigma_n (authors\' code: 0.002)')
     p.add_argument('--lr', type=float, help='fake-net Adam learning rate')
     p.add_argument('--glr', type=float, help='generator Adam learning rate')
+    p.add_argument('--gbeta1', type=float, help='generator Adam beta1 (SiD: 0, FFHQ / CelebA-HQ 0.9)')
+    p.add_argument('--dropout', type=float, help='dropout of the fake net and the generator (default: the '
+                                                  'recipe\'s, else the teacher\'s)')
+    p.add_argument('--augment', type=float, help='augmentation probability in the fake net\'s loss (default: '
+                                                  'the teacher\'s)')
     p.add_argument('--batch', type=int, help='total batch size')
     p.add_argument('--batch-gpu', type=int, default=None, help='per-process batch; smaller accumulates')
     p.add_argument('--lsg', type=float, default=100.0, help='generator loss scale')
@@ -138,7 +156,7 @@ def resolve(args):
     if args.method not in ('sid', 'dmd', 'sds'):
         die(f'--method {args.method}: unknown; choose sid (D-SiD), dmd (D-DMD) or sds (D-SDS)')
     if args.sigma is not None and not 0 <= args.sigma < math.inf:
-        die(f'--sigma {args.sigma}: the noise level must be a finite number >= 0')
+        die(f'--sigma {args.sigma}: the noise level must be >= 0 and finite')
     path = args.teacher or find_teacher(args.data, args.sigma)
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
@@ -155,14 +173,20 @@ def resolve(args):
     preset = teacher.get('config', {}).get('preset') or ('toy' if net.get('arch') == 'mlp' else 'tiny'
         if net['img_resolution'] <= 16 else 'cifar10' if net['img_resolution'] <= 32 else 'ffhq64')
     recipe = dict(RECIPES.get(preset, RECIPES['cifar10']))
-    for k in ('lr', 'glr', 'batch', 'kimg', 'ema', 'tick', 'snap', 'fid_num'):
+    for k in ('lr', 'glr', 'gbeta1', 'alpha', 'dropout', 'augment', 'batch', 'kimg', 'ema', 'tick', 'snap', 'fid_num'):
         if getattr(args, k) is not None:
             recipe[k] = getattr(args, k)
     features = args.features if args.features != 'auto' else \
         ('pixel' if net.get('arch') == 'mlp' or net['img_resolution'] <= 16 else 'inception')
     data = teacher.get('data', args.data) if args.data == 'cifar10' and args.teacher else args.data
     name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
-    cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), loss=loss, method=args.method, alpha=args.alpha,
+    if args.augment is None:                  # SiD: the fake net augments as the teacher did
+        recipe['augment'] = teacher.get('config', {}).get('augment', recipe['augment'] or 0.0) if net['augment_dim'] else 0
+    elif args.augment and not net['augment_dim']:
+        die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
+    if recipe['dropout'] is None:
+        recipe['dropout'] = net['dropout']
+    cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), loss=loss, method=args.method,
                sigma_init=args.sigma_init, tmax=args.tmax,
                sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min,
                lsg=args.lsg, ema_rampup=args.ema_rampup, seed=args.seed, precision=args.precision,
@@ -184,18 +208,19 @@ def main(argv=None):
         return
     B, shape, method = cfg['batch'], sample_shape(teacher_ckpt['net']), cfg['method']
 
-    # Alg. 1, lines 1-2: the frozen teacher f_phi; G_theta and f_psi start as copies of its EMA weights.
-    teacher = build_net(teacher_ckpt['net'])
-    teacher.load_state_dict(teacher_ckpt['ema'])
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    G, fake = (copy.deepcopy(teacher).train().requires_grad_(True) for _ in range(2))
-    G_ema = copy.deepcopy(teacher).eval()
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg['glr'], betas=(0.0, 0.999), eps=1e-8)
+    # Alg. 1, lines 1-2: the frozen teacher f_phi; G_theta and f_psi start as copies of its EMA weights (with the
+    # recipe's dropout).
+    teacher, G, fake = (build_net(dict(teacher_ckpt['net'], dropout=d)) for d in (0.0, cfg['dropout'], cfg['dropout']))
+    for net in (teacher, G, fake):
+        net.load_state_dict(teacher_ckpt['ema'])
+    teacher, G, fake = teacher.to(device).eval().requires_grad_(False), G.to(device), fake.to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg['glr'], betas=(cfg['gbeta1'], 0.999), eps=1e-8)
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg['lr'], betas=(0.0, 0.999), eps=1e-8)
     train_state = dict(G=G, fake=fake, opt_g=opt_g, opt_f=opt_f)
     step, best = 0, math.inf
     if args.resume:
-        ck = resume_checkpoint(args.resume, cfg['outdir'], 'generator', teacher.config, cfg,
+        ck = resume_checkpoint(args.resume, cfg['outdir'], 'generator', G.config, cfg,
                                ('sigma_n', 'loss', 'method', 'seed', 'batch'))
         for k, v in train_state.items():
             v.load_state_dict(ck['state'][k])
@@ -224,12 +249,16 @@ def main(argv=None):
         if method != 'sds':                    # Alg. 1, lines 4-9: fake-score step (D-SDS trains no fake net)
             sigma = sample_sigma(B, cfg['sigma_n'], cfg['loss'], g)
             eps_n, eps, z = (torch.randn((B, *shape), generator=g) for _ in range(3))
+            choices, labels = augment_choices(B, cfg['augment'], shape[-1], g) if cfg['augment'] else (None, None)
+            G.eval()                                                           # as SiD: no dropout while G serves
             fake.train().requires_grad_(True)
             out = optimize(opt_f, fake, fake_ddp, lambda *b: fake_score_step(G, fake_ddp, *b, cfg),
-                           (z, eps_n, sigma, eps), (cfg['seed'], step, 1), rank, world, batch_gpu, device, dtype)
+                           (z, eps_n, sigma, eps, choices, labels), (cfg['seed'], step, 1), rank, world, batch_gpu,
+                           device, dtype)
             sums['loss_fake'] += out[0]
         sigma = sid_sigmas(B, g, cfg['tmax'], cfg['sigma_min'])                # Alg. 1, lines 10-12: generator step
         z, eps_n, eps = (torch.randn((B, *shape), generator=g) for _ in range(3))
+        G.train()
         fake.eval().requires_grad_(False)
         out = optimize(opt_g, G, G_ddp, lambda *b: generator_step(G_ddp, teacher, fake, *b, cfg),
                        (z, eps_n, sigma, eps), (cfg['seed'], step, 2), rank, world, batch_gpu, device, dtype)

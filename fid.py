@@ -44,7 +44,7 @@ WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'  # the name holds its first 8
 LABEL = {'inception': 'FID', 'pixel': 'pixel FD'}
-PROXIMAL_STREAM = 0  # Proximal FID's noise: a stream of make_noisy that no training item draws from
+PROXIMAL_STREAM = 1  # Proximal FID's noise: a stream of make_noisy that no training item draws from
 
 # ----------------------------------------------------------------------------------------------
 # The FID Inception-v3. Attribute names follow the weights file so its state dict loads as is.

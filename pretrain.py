@@ -226,31 +226,41 @@ def noisy_dataset(data, sigma, seed=0, data_dir=None, already_noisy=False):
 # would blur and correlate the noise the Ambient loss relies on. Labels use EDM's layout:
 # [xflip, yflip, scale, cos(rot)-1, sin(rot), aniso x2, translate x, translate y]; unused slots stay 0.
 
-def augment(y, p, g):
-    n, c, h, w = y.shape
-    labels = torch.zeros(n, 9)
+def augment_choices(n, p, w, g):
+    """The augmentation's random choices for n images of width w, one row [x-flip, y-flip, quarter turns, shift x,
+    shift y] each, and their labels. Drawn for a whole batch, so that every process can apply its share."""
     on = lambda prob: torch.rand(n, generator=g) < prob
     flip_x = torch.randint(0, 2, (n,), generator=g).bool()         # EDM: x-flip has prob 1/2 whenever p > 0
     flip_y = on(p) & torch.randint(0, 2, (n,), generator=g).bool()
     quarter = torch.where(on(p), torch.randint(0, 4, (n,), generator=g), 0)
     shift = torch.where(on(p)[:, None], (torch.randn(n, 2, generator=g) * w * 0.125).round(), 0).long()
     shift = shift.clamp(-(w - 1), w - 1)
-    out = []
-    for i in range(n):
-        im = y[i]
-        im = im.flip(2) if flip_x[i] else im
-        im = im.flip(1) if flip_y[i] else im
-        im = torch.rot90(im, int(quarter[i]), (1, 2)) if h == w else im
-        tx, ty = int(shift[i, 0]), int(shift[i, 1])
-        if tx or ty:
-            pad = torch.nn.functional.pad(im[None], (abs(tx), abs(tx), abs(ty), abs(ty)), mode='reflect')[0]
-            im = pad[:, abs(ty) - ty: abs(ty) - ty + h, abs(tx) - tx: abs(tx) - tx + w]
-        out.append(im)
     angle = quarter.float() * (math.pi / 2)
+    labels = torch.zeros(n, 9)
     labels[:, 0], labels[:, 1] = flip_x.float(), flip_y.float()
     labels[:, 3], labels[:, 4] = angle.cos() - 1, angle.sin()
     labels[:, 7:9] = shift.float() / (w * 0.125)
-    return torch.stack(out), labels
+    return torch.stack([flip_x.long(), flip_y.long(), quarter, shift[:, 0], shift[:, 1]], 1), labels
+
+
+def apply_augment(y, choices):
+    """Images NCHW transformed as `choices` (from augment_choices) say: pixels move, values never mix."""
+    out = []
+    for im, (flip_x, flip_y, quarter, tx, ty) in zip(y, choices.tolist()):
+        im = im.flip(2) if flip_x else im
+        im = im.flip(1) if flip_y else im
+        im = torch.rot90(im, quarter, (1, 2))
+        if tx or ty:
+            pad = torch.nn.functional.pad(im[None], (abs(tx), abs(tx), abs(ty), abs(ty)), mode='reflect')[0]
+            im = pad[:, abs(ty) - ty: abs(ty) - ty + im.shape[1], abs(tx) - tx: abs(tx) - tx + im.shape[2]]
+        out.append(im)
+    return torch.stack(out)
+
+
+def augment(y, p, g):
+    """EDM-style augmentation of a batch with probability p: (augmented images, labels)."""
+    choices, labels = augment_choices(len(y), p, y.shape[-1], g)
+    return apply_augment(y, choices), labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,7 +568,7 @@ def resolve(args):
         except ValueError:
             die(f'--sigma {args.sigma}: not a number; give sigma_n >= 0 (e.g. 0.2) or "auto"')
         if not 0 <= sigma < math.inf:
-            die(f'--sigma {args.sigma}: the noise level must be a finite number >= 0 (0 is plain EDM training)')
+            die(f'--sigma {args.sigma}: the noise level must be >= 0 and finite (0 is plain EDM training)')
     if sigma is None and not args.already_noisy:
         die('--sigma auto estimates the noise of data that is already noisy; add --already-noisy')
     y, info = noisy_dataset(args.data, sigma, args.seed, args.data_dir, args.already_noisy)
