@@ -146,6 +146,7 @@ def parse_args(argv=None):
     p.add_argument('--resume', nargs='?', const='latest', default=None)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'])
+    p.add_argument('--compile', action='store_true', help='torch.compile the networks')
     p.add_argument('--device', default=None)
     p.add_argument('--dry-run', action='store_true', help='print the resolved configuration and exit')
     return p.parse_args(argv)
@@ -229,6 +230,8 @@ def main(argv=None):
     wrap = lambda m: torch.nn.parallel.DistributedDataParallel(
         m, device_ids=[device] if device.type == 'cuda' else None) if world > 1 else m
     G_ddp, fake_ddp = wrap(G), wrap(fake)
+    run = torch.compile if args.compile else lambda m: m                 # what the steps call
+    G_fwd, fake_fwd, teacher_fwd = run(G_ddp), run(fake_ddp), run(teacher)
     dtype = torch.bfloat16 if cfg['precision'] == 'bf16' else None
     total, tick, snap = (steps_of(cfg[k], B) for k in ('kimg', 'tick', 'snap'))
 
@@ -252,7 +255,7 @@ def main(argv=None):
             choices, labels = augment_choices(B, cfg['augment'], shape[-1], g) if cfg['augment'] else (None, None)
             G.eval()                                                           # as SiD: no dropout while G serves
             fake.train().requires_grad_(True)
-            out = optimize(opt_f, fake, fake_ddp, lambda *b: fake_score_step(G, fake_ddp, *b, cfg),
+            out = optimize(opt_f, fake, fake_ddp, lambda *b: fake_score_step(G_fwd, fake_fwd, *b, cfg),
                            (z, eps_n, sigma, eps, choices, labels), (cfg['seed'], step, 1), rank, world, batch_gpu,
                            device, dtype)
             sums['loss_fake'] += out[0]
@@ -260,7 +263,7 @@ def main(argv=None):
         z, eps_n, eps = (torch.randn((B, *shape), generator=g) for _ in range(3))
         G.train()
         fake.eval().requires_grad_(False)
-        out = optimize(opt_g, G, G_ddp, lambda *b: generator_step(G_ddp, teacher, fake, *b, cfg),
+        out = optimize(opt_g, G, G_ddp, lambda *b: generator_step(G_fwd, teacher_fwd, fake_fwd, *b, cfg),
                        (z, eps_n, sigma, eps), (cfg['seed'], step, 2), rank, world, batch_gpu, device, dtype)
         step += 1
         update_ema(G_ema, G, ema_beta(B, step * B, cfg['ema'], cfg['ema_rampup']))   # Alg. 1, line 13

@@ -1,0 +1,257 @@
+"""Choose the CPU recipes (presets `tiny` and `toy`) by measurement, on data sets no default was tuned on.
+
+For each data set this script makes (16x16 images: smooth, dead leaves, textured; 2-D points: curves, clusters) it
+trains a teacher (pretrain.py), distills it (distill.py) for each setting of a small grid, and prints one table per
+set: the Frechet distance in pixel space to fresh clean images (points: the W2 distance, exact matching, and the
+mean distance to the clean support) of the noisy data, Ambient-Full, Ambient-Truncated and DSD, the time of each
+stage, and the spread of Proximal FD over the last four snapshots (max |x - median| / median).
+
+    python bench/bench_recipe.py                          # the default recipes on all five sets
+    python bench/bench_recipe.py --grid coarse --jobs 2   # the coarse grid (see GRIDS), 2 runs at a time
+    python bench/bench_recipe.py --quick                  # seconds: a smoke test of the whole path
+
+Runs go under --out (default runs/bench-recipe); each finished run leaves result.json there, so a re-run skips it.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import fid       # noqa: E402
+import pretrain  # noqa: E402
+import sample    # noqa: E402
+
+SIGMA = 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sets, made here. Images: float (N, 3, 16, 16) in [0, 1] (quantised to uint8 on disk); points: (N, 2).
+
+def smooth(n, seed, res=16):
+    """A two-colour linear ramp plus one to three soft Gaussian blobs of random colour: smooth everywhere."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res] / (res - 1)
+    th = g.uniform(0, 2 * np.pi, n)[:, None, None]
+    ramp = np.cos(th) * (xx - 0.5) + np.sin(th) * (yy - 0.5) + 0.5
+    a, b = g.uniform(0, 1, (2, n, 3, 1, 1))
+    img = a + (b - a) * ramp[:, None]
+    for _ in range(3):
+        on = g.random(n) < 0.7
+        cx, cy, s = g.uniform(0, 1, n), g.uniform(0, 1, n), g.uniform(0.1, 0.3, n)
+        w = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / (2 * s[:, None, None] ** 2))
+        img += (on[:, None, None, None] * w[:, None]) * (g.uniform(0, 1, (n, 3, 1, 1)) - img)
+    return np.clip(img, 0, 1)
+
+
+def leaves(n, seed, res=16, up=2, discs=50):
+    """The dead-leaves model: occluding discs of random colour with power-law radii (density ~ r^-3), the classic
+    stand-in for the statistics of photographs; drawn at 2x and box-filtered."""
+    g = np.random.default_rng(seed)
+    s = res * up
+    yy, xx = np.mgrid[0:s, 0:s] + 0.5
+    img = np.tile(g.uniform(0, 1, (n, 3, 1, 1)), (1, 1, s, s))
+    rmin, rmax = 1.0 * up, 10.0 * up
+    for _ in range(discs):
+        u = g.random(n)
+        r = (rmin ** -2 - u * (rmin ** -2 - rmax ** -2)) ** -0.5            # inverse CDF of p(r) ~ r^-3
+        cx, cy = g.uniform(-2, s + 2, n), g.uniform(-2, s + 2, n)
+        inside = (xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2 <= r[:, None, None] ** 2
+        img = np.where(inside[:, None], g.uniform(0, 1, (n, 3, 1, 1)), img)
+    return img.reshape(n, 3, res, up, res, up).mean((3, 5))
+
+
+def texture(n, seed, res=16):
+    """Two-colour gratings (sine or square wave) of random orientation and period 2.5-6 px: texture everywhere."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res] + 0.5
+    th, period, phase = g.uniform(0, np.pi, n), g.uniform(2.5, 6, n), g.uniform(0, 2 * np.pi, n)
+    wave = np.sin(2 * np.pi * (np.cos(th)[:, None, None] * xx + np.sin(th)[:, None, None] * yy) / period[:, None, None]
+                  + phase[:, None, None])
+    wave = np.where(g.random(n)[:, None, None] < 0.5, np.sign(wave), wave) * 0.5 + 0.5
+    a, b = g.uniform(0, 1, (2, n, 3, 1, 1))
+    return a + (b - a) * wave[:, None]
+
+
+def curves(n, seed):
+    """Two interleaved spiral arms (a 1-D support, long compared with sigma_n)."""
+    g = np.random.default_rng(seed)
+    t, arm = g.uniform(0.25, 1, n), g.integers(0, 2, n)
+    ang = 3 * np.pi * t + np.pi * arm
+    return np.stack([1.6 * t * np.cos(ang), 1.6 * t * np.sin(ang)], 1)
+
+
+def clusters(n, seed):
+    """Nine tight clusters (std 0.03) on a 3x3 grid, 2 sigma_n apart across and 5 sigma_n apart down."""
+    g = np.random.default_rng(seed)
+    k = g.integers(0, 9, n)
+    centre = np.stack([(k % 3 - 1) * 2 * SIGMA, (k // 3 - 1) * 5 * SIGMA], 1)
+    return centre + 0.03 * g.standard_normal((n, 2))
+
+
+SETS = dict(smooth=smooth, leaves=leaves, texture=texture, curves=curves, clusters=clusters)
+POINTS = ('curves', 'clusters')
+
+
+def write_set(name, folder, n):
+    """The clean training set as the file pretrain.py reads (uint8 NHWC images, float points); the fresh clean
+    evaluation set (seed 1) in model units."""
+    path = os.path.join(folder, f'{name}.npy')
+    train, fresh = SETS[name](n, 0), SETS[name](2000, 1)
+    if name in POINTS:
+        np.save(path, train.astype(np.float32))
+        return path, fresh.astype(np.float32)
+    to_u8 = lambda x: np.rint(x * 255).astype(np.uint8)
+    np.save(path, to_u8(train).transpose(0, 2, 3, 1))
+    return path, to_u8(fresh).astype(np.float32) / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid. A setting is (teacher flags, distillation flags), on top of the preset's defaults.
+
+GRIDS = {
+    'defaults': [({}, {})],
+    'coarse': [({}, {}), ({}, {'--glr': '3e-5', '--lr': '1e-4'}), ({}, {'--ema': '4', '--ema-rampup': '0.2'}),
+               ({}, {'--gbeta1': '0.9'}), ({'--kimg': '100'}, {})],
+}
+
+
+def pixel_fd(x, ref):
+    return fid.frechet_distance(*fid.stats_of(fid.sample_features(x, 'pixel')), *ref)
+
+
+def distances(x, fresh, support):
+    """Distance of samples x to the fresh clean set: pixel FD for images; W2 (1000-point matching) and the mean
+    distance to the clean support (`support`: a dense clean sample) for points."""
+    if support is not None:
+        return dict(w2=fid.w2_matching(x[:1000], fresh[:1000]), support=fid.curve_distance(x, support))
+    return dict(fd=fid.frechet_distance(*fid.stats_of(fid.sample_features(x, 'pixel')),
+                                        *fid.stats_of(fid.sample_features(fresh, 'pixel'))))
+
+
+def samples(path, n, mode=None):
+    net, ckpt = sample.load_net(path, 'cpu')
+    return torch.cat([x for _, x in sample.generate(net, ckpt, list(range(n)), 100, 'cpu', mode)]).numpy()
+
+
+def spread(metrics_file):
+    """max |x - median| / median of the Proximal FD over the last four snapshots."""
+    vals = [json.loads(l)['proximal_fd'] for l in open(metrics_file)][-4:]
+    med = float(np.median(vals))
+    return dict(proximal=[round(v, 4) for v in vals], spread=max(abs(v - med) for v in vals) / med if med else math.nan)
+
+
+def script(name, *args, threads=1):
+    t = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, name), *args], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f'{name} {" ".join(args)} failed:\n{r.stderr[-2000:]}')
+    return time.time() - t
+
+
+def one(spec):
+    """One setting on one set: the teacher (shared by settings with the same teacher flags), distillation, the
+    evaluation. Returns the result record (also left as result.json)."""
+    out, done = spec['dir'], os.path.join(spec['dir'], 'result.json')
+    torch.set_num_threads(spec['threads'])
+    if os.path.isfile(done):
+        return json.load(open(done))
+    teacher_dir = spec['teacher_dir']
+    if not os.path.isfile(os.path.join(teacher_dir, 'time.json')):
+        t_time = script('pretrain.py', '--data', spec['data'], '--sigma', str(SIGMA), '--outdir', teacher_dir,
+                        '--device', 'cpu', *spec['teacher'], threads=spec['threads'])
+        json.dump(dict(seconds=t_time), open(os.path.join(teacher_dir, 'time.json'), 'w'))
+    t_time = json.load(open(os.path.join(teacher_dir, 'time.json')))['seconds']
+    d_time = script('distill.py', '--data', spec['data'], '--teacher', os.path.join(teacher_dir, 'latest.pt'),
+                    '--outdir', out, '--device', 'cpu', *spec['distill'], threads=spec['threads'])
+    points = spec['set'] in POINTS
+    fresh = SETS[spec['set']](spec['eval'], 1)
+    fresh = fresh.astype(np.float32) if points else np.rint(fresh * 255).astype(np.float32) / 127.5 - 1
+    support = SETS[spec['set']](20000, 2) if points else None
+    t0, teacher = time.time(), os.path.join(teacher_dir, 'latest.pt')
+    cache = os.path.join(teacher_dir, 'eval.json')
+    if not os.path.isfile(cache):                   # the teacher's samplers and the noisy data, once per teacher
+        noisy = pretrain.noisy_dataset(spec['data'], SIGMA)[0]            # the teacher's own noisy set (seed 0)
+        noisy = noisy[np.random.default_rng(0).choice(len(noisy), min(len(fresh), len(noisy)), replace=False)]
+        json.dump(dict(noisy=distances(noisy, fresh, support),
+                       full=distances(samples(teacher, len(fresh), 'full'), fresh, support),
+                       truncated=distances(samples(teacher, len(fresh), 'truncated'), fresh, support)), open(cache, 'w'))
+    res = dict(set=spec['set'], teacher=spec['teacher'], distill=spec['distill'], teacher_s=t_time, distill_s=d_time,
+               best=dict(json.load(open(cache)), dsd=distances(samples(os.path.join(out, 'best.pt'), len(fresh)),
+                                                              fresh, support)),
+               latest=distances(samples(os.path.join(out, 'latest.pt'), len(fresh)), fresh, support),
+               **spread(os.path.join(out, 'metrics.jsonl')))
+    res['eval_s'] = time.time() - t0
+    json.dump(res, open(done, 'w'), indent=1)
+    return res
+
+
+def table(results):
+    for name in dict.fromkeys(r['set'] for r in results):
+        rows = [r for r in results if r['set'] == name]
+        key = 'w2' if name in POINTS else 'fd'
+        label = 'W2 to clean' if name in POINTS else 'pixel FD to clean'
+        print(f'\n{name} ({label}; Proximal spread = max |x - median| / median over the last 4 snapshots)')
+        print(f'{"teacher flags":22s} {"distill flags":34s} {"noisy":>7s} {"full":>7s} {"trunc":>7s} {"DSD":>7s} '
+              f'{"latest":>7s} {"spread":>7s} {"t_min":>6s} {"d_min":>6s}')
+        for r in rows:
+            b = r['best']
+            print(f'{" ".join(r["teacher"]) or "-":22s} {" ".join(r["distill"]) or "-":34s} '
+                  f'{b["noisy"][key]:7.3f} {b["full"][key]:7.3f} {b["truncated"][key]:7.3f} {b["dsd"][key]:7.3f} '
+                  f'{r["latest"][key]:7.3f} {r["spread"]:7.2f} {r["teacher_s"] / 60:6.1f} {r["distill_s"] / 60:6.1f}')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--sets', default=','.join(SETS), help=f'comma-separated, from {", ".join(SETS)}')
+    p.add_argument('--grid', default='defaults', choices=list(GRIDS))
+    p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
+    p.add_argument('--n', type=int, default=20000, help='training set size')
+    p.add_argument('--out', default=os.path.join('runs', 'bench-recipe'))
+    p.add_argument('--quick', action='store_true', help='a smoke test: tiny sets and budgets')
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    quick_t = ['--kimg', '0.5', '--snap', '0.25', '--tick', '0.25'] if a.quick else []
+    quick_d = ['--kimg', '0.128', '--snap', '0.032', '--tick', '0.032', '--fid-num', '100'] if a.quick else []
+    specs = []
+    for name in a.sets.split(','):
+        data, _ = write_set(name, a.out, 300 if a.quick else a.n)
+        for teacher, dist in GRIDS[a.grid]:
+            t = [x for kv in teacher.items() for x in kv] + quick_t
+            d = [x for kv in dist.items() for x in kv] + quick_d
+            tag = lambda flags: '_'.join(f.strip('-') for f in flags) or 'default'
+            specs.append(dict(set=name, data=data, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2,
+                              eval=200 if a.quick else 2000,
+                              teacher_dir=os.path.join(a.out, f'{name}-teacher-{tag(t)}'),
+                              dir=os.path.join(a.out, f'{name}-{tag(t)}-distill-{tag(d)}')))
+    # Teachers first (one run each), then the distillations, a.jobs at a time.
+    firsts = list({s['teacher_dir']: s for s in specs}.values())
+    for batch in (firsts, [s for s in specs if s not in firsts]):
+        procs = []
+        for s in batch:
+            while sum(q.poll() is None for q in procs) >= a.jobs:
+                time.sleep(1)
+            procs.append(subprocess.Popen([sys.executable, __file__, '--one', json.dumps(s)]))
+        for q in procs:
+            q.wait()
+    done = [s for s in specs if os.path.isfile(os.path.join(s['dir'], 'result.json'))]
+    for s in specs:
+        if s not in done:
+            print(f'failed: {s["dir"]}', file=sys.stderr)
+    table([json.load(open(os.path.join(s['dir'], 'result.json'))) for s in done])
+    return len(done) == len(specs)
+
+
+if __name__ == '__main__':
+    if sys.argv[1:2] == ['--one']:
+        one(json.loads(sys.argv[2]))
+    else:
+        sys.exit(0 if main() else 1)
