@@ -214,7 +214,10 @@ def main(argv=None):
     teacher, G, fake = (build_net(dict(teacher_ckpt['net'], dropout=d)) for d in (0.0, cfg['dropout'], cfg['dropout']))
     for net in (teacher, G, fake):
         net.load_state_dict(teacher_ckpt['ema'])
-    teacher, G, fake = teacher.to(device).eval().requires_grad_(False), G.to(device), fake.to(device)
+    layout = torch.channels_last if device.type == 'cuda' and len(sample_shape(teacher.config)) == 3 else \
+        torch.contiguous_format                                      # as pretrain.py: NHWC convolutions on GPUs
+    teacher, G, fake = (m.to(device, memory_format=layout) for m in (teacher, G, fake))
+    teacher.eval().requires_grad_(False)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg['glr'], betas=(cfg['gbeta1'], 0.999), eps=1e-8)
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg['lr'], betas=(0.0, 0.999), eps=1e-8)

@@ -425,7 +425,7 @@ def resume_checkpoint(resume, outdir, kind, net_config, cfg, keys):
         if ck['config'].get(k) != cfg[k]:
             die(f'--resume {path}: that run used {k}={ck["config"].get(k)!r}, this one {cfg[k]!r}; use its flags '
                 f'or a new --outdir')
-    print0(f'resuming {path} at {ck["kimg"]:.1f} kimg')
+    print0(f'resuming {path} at {ck["kimg"]:g} kimg (step {ck["state"]["step"]})')
     return ck
 
 

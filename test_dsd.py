@@ -1623,3 +1623,60 @@ def test_under_torchrun_a_bad_input_is_reported_once(tmp_path):
     r = _run('distill.py', '--sigma', '0.2', cwd=tmp_path, nproc=2)
     assert r.returncode != 0 and r.stderr.count('error: no teacher at ') == 1, r.stderr
     assert 'distill.py", line' not in r.stderr                 # no traceback from our code
+
+
+def test_bench_recipe_smoke(tmp_path):
+    """bench/bench_recipe.py end to end at tiny budgets on one image set and one point set: data it makes itself,
+    teacher, distillation, the three samplers, the table."""
+    r = _run('bench/bench_recipe.py', '--quick', '--sets', 'leaves,clusters', '--out', tmp_path / 'b', cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'leaves (pixel FD to clean' in r.stdout and 'clusters (W2 to clean' in r.stdout
+    for name, key in (('leaves', 'fd'), ('clusters', 'w2')):
+        (res,) = [json.load(open(os.path.join(d, 'result.json'))) for d in (tmp_path / 'b').glob(f'{name}-*distill*')]
+        vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd')] + [res['latest'][key]]
+        assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res
+
+
+def test_bench_gpu_cpu_smoke_mode(tmp_path):
+    """bench/bench_gpu.py --device cpu --quick runs every section (tiny preset, a few steps each), reports finite
+    numbers and passes its own correctness checks: the GPU benchmark cannot rot between GPU runs."""
+    out = tmp_path / 'out'
+    r = _run('bench/bench_gpu.py', '--device', 'cpu', '--quick', '--out', out, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / 'bench_gpu.json').read_text())
+
+    def walk(x):
+        if isinstance(x, dict):
+            yield x
+            for v in x.values():
+                yield from walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from walk(v)
+        else:
+            yield x
+    assert all(k in res for k in ('device', 'phase1', 'phase2', 'sampling', 'fid', 'correctness'))
+    items = list(walk(res))
+    assert not [d for d in items if isinstance(d, dict) and 'error' in d], json.dumps(res, indent=1)
+    assert all(math.isfinite(v) for v in items if isinstance(v, (int, float)) and not isinstance(v, bool))
+    assert min(res['device'][k] for k in ('bf16_tflops', 'tf32_tflops', 'fp32_tflops')) > 0
+    for phase in ('phase1', 'phase2'):
+        sec = res[phase]
+        timed = [row for row in sec['rows'] if 'img_s' in row]
+        assert sorted((row['batch'], row['precision']) for row in timed) == \
+            [(4, 'bf16'), (4, 'fp32'), (8, 'bf16'), (8, 'fp32')]
+        assert all(row['img_s'] > 0 and row['mem_gib'] > 0 and row['tflops'] > 0 for row in timed)
+        assert all('skipped' in row for row in sec['rows'] if row['precision'] == 'bf16+compile')   # no compile on CPU
+        assert sec['flops_per_img'] > 0
+    assert res['phase2']['flops_per_img'] > 2 * res['phase1']['flops_per_img']   # three nets, two backward passes
+    s = res['sampling']
+    assert s['all_finite'] and min(s['one_step_s'], s['full_s'], s['truncated_s']) > 0
+    assert res['fid']['finite'] and res['fid']['feature_shape'] == [4, 2048]
+    c = res['correctness']
+    assert c['all_ok'] and set(c['checks']) == {'precond', 'bf16_loss', 'end_to_end'}, c
+    e = c['end_to_end']
+    assert (e['pretrain']['step'], e['distill']['step'], e['pretrain_resume']['step'], e['distill_resume']['step']) \
+        == (3, 3, 5, 5)
+    assert e['pretrain_resume']['first_kimg'] == e['distill_resume']['first_kimg'] == 4 * 8 / 1000   # step 4 of 8
+    assert '| correctness | all checks | PASS' in (out / 'bench_gpu.md').read_text()
+    assert 'all checks' in r.stdout and 'PASS' in r.stdout
