@@ -3,13 +3,10 @@
 FID compares the Gaussians fitted to 2048-d Inception-v3 pool3 features of two image sets:
     FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
 The network is the TF 2015-12-05 Inception used by every published FID, loaded from its PyTorch port
-pt_inception-2015-12-05-6726825d.pth; images go in as uint8 and are resized to 299x299 the same way as in
-the PyTorch port's reference scorer, so reference statistics made elsewhere (EDM's cifar10-32x32.npz,
-pytorch-fid's .npz) can be compared against.
-
-Without the weights file, `--features pixel` uses flattened pixels scaled to [-1, 1] (the data space the
-models train in) as features. The result is labelled "pixel FD", it is not comparable with FID, and stats
-files record which kind they hold, so the two are never mixed.
+pt_inception-2015-12-05-6726825d.pth; images go in as uint8 and are resized to 299x299 as pytorch-fid does, so its
+.npz files (and, across ports, EDM's cifar10-32x32.npz: see README) can be compared against.
+Without the weights file, `--features pixel` uses flattened pixels scaled to [-1, 1] (the data space the models
+train in) as features: "pixel FD", not comparable with FID; stats files record their kind, so the two never mix.
 
     python fid.py ref  --data cifar10 --out refs/cifar10.npz                 # clean training set
     python fid.py ref  --data cifar10 --sigma 0.2 --out refs/cifar10-n0.2.npz  # the teacher's noisy set
@@ -301,10 +298,13 @@ def features(images, batch=64, device='cpu', net=None, kind='inception'):
     return np.concatenate(out) if out else np.zeros((0, 2048 if kind == 'inception' else 0), np.float32)
 
 def sample_features(x, kind='inception', device='cpu', net=None):
-    """Images NCHW in [-1, 1] go through the uint8 path above; points (N, D) are their own features."""
+    """Images NCHW in [-1, 1] go through the uint8 path above. Points (N, D) become 256 random Fourier features
+    (fixed frequencies, length scale 0.25 in model units): a Frechet distance of the raw coordinates would compare
+    two moments only, one of these features sees the shape of the point cloud."""
     x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
     if x.ndim == 2:
-        return x.astype(np.float64)
+        proj = x.astype(np.float64) @ np.random.default_rng(0).normal(0, 1 / 0.25, (x.shape[1], 128))
+        return np.concatenate([np.cos(proj), np.sin(proj)], 1)
     return features(to_uint8(x), device=device, net=net, kind=kind)
 
 def stats_of(feats):

@@ -1,6 +1,7 @@
 """Choose the CPU recipes (presets `tiny` and `toy`) by measurement, on data sets no default was tuned on.
 
-For each data set this script makes (16x16 images: smooth, dead leaves, textured; 2-D points: curves, clusters) it
+For each data set this script makes (16x16 images: smooth, dead leaves, textured; 2-D points: curves, clusters, and
+the built-in toy) it
 trains a teacher (pretrain.py), distills it (distill.py) for each setting of a small grid, and prints one table per
 set: the Frechet distance in pixel space to fresh clean images (points: the W2 distance, exact matching, and the
 mean distance to the clean support) of the noisy data, Ambient-Full, Ambient-Truncated and DSD, the time of each
@@ -96,8 +97,8 @@ def clusters(n, seed):
     return centre + 0.03 * g.standard_normal((n, 2))
 
 
-SETS = dict(smooth=smooth, leaves=leaves, texture=texture, curves=curves, clusters=clusters)
-POINTS = ('curves', 'clusters')
+SETS = dict(smooth=smooth, leaves=leaves, texture=texture, curves=curves, clusters=clusters, toy=pretrain.toy_points)
+POINTS = ('curves', 'clusters', 'toy')
 
 
 def write_set(name, folder, n):
@@ -118,13 +119,13 @@ def write_set(name, folder, n):
 
 GRIDS = {
     'defaults': [({}, {})],
-    'coarse': [({}, {}), ({}, {'--glr': '3e-5', '--lr': '1e-4'}), ({}, {'--ema': '4', '--ema-rampup': '0.2'}),
-               ({}, {'--gbeta1': '0.9'}), ({'--kimg': '100'}, {})],
+    'coarse': [({}, {}), ({}, {'--ema-rampup': '0.25'}), ({}, {'--glr': '3e-5', '--ema-rampup': '0.25'}),
+               ({}, {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25'})],
+    'fine': [({}, {'--gen-sigma-min': '', '--ema-rampup': '0.25'}),
+             ({}, {'--gen-sigma-min': '', '--ema-rampup': '0.25', '--batch': '64'})],
+    'points': [({'--kimg': '3000'}, {}), ({'--kimg': '3000'}, {'--kimg': '1024'}),
+               ({'--kimg': '3000'}, {'--lr': '3e-4', '--glr': '3e-4'})],
 }
-
-
-def pixel_fd(x, ref):
-    return fid.frechet_distance(*fid.stats_of(fid.sample_features(x, 'pixel')), *ref)
 
 
 def distances(x, fresh, support):
@@ -197,16 +198,18 @@ def one(spec):
 def table(results):
     for name in dict.fromkeys(r['set'] for r in results):
         rows = [r for r in results if r['set'] == name]
-        key = 'w2' if name in POINTS else 'fd'
-        label = 'W2 to clean' if name in POINTS else 'pixel FD to clean'
-        print(f'\n{name} ({label}; Proximal spread = max |x - median| / median over the last 4 snapshots)')
-        print(f'{"teacher flags":22s} {"distill flags":34s} {"noisy":>7s} {"full":>7s} {"trunc":>7s} {"DSD":>7s} '
-              f'{"latest":>7s} {"spread":>7s} {"t_min":>6s} {"d_min":>6s}')
+        keys = ('w2', 'support') if name in POINTS else ('fd',)
+        label = 'W2 to clean / mean distance to the clean support' if name in POINTS else 'pixel FD to clean'
+        print(f'\n{name} ({label}; DSD is best.pt, then latest.pt; spread: max |x - median| / median of Proximal FD '
+              f'over the last 4 snapshots; minutes per stage)')
+        print(f'{"teacher flags":16s} {"distill flags":44s} ' + ''.join(f'{c:>{8 * len(keys)}s}' for c in (
+              'noisy', 'full', 'trunc', 'DSD', 'latest')) + f' {"spread":>6s} {"t_min":>5s} {"d_min":>5s}')
         for r in rows:
-            b = r['best']
-            print(f'{" ".join(r["teacher"]) or "-":22s} {" ".join(r["distill"]) or "-":34s} '
-                  f'{b["noisy"][key]:7.3f} {b["full"][key]:7.3f} {b["truncated"][key]:7.3f} {b["dsd"][key]:7.3f} '
-                  f'{r["latest"][key]:7.3f} {r["spread"]:7.2f} {r["teacher_s"] / 60:6.1f} {r["distill_s"] / 60:6.1f}')
+            b = dict(r['best'], latest=r['latest'])
+            cells = ''.join(''.join(f'{b[c][k]:8.3f}' for k in keys) for c in ('noisy', 'full', 'truncated', 'dsd',
+                                                                                 'latest'))
+            print(f'{" ".join(r["teacher"]) or "-":16s} {" ".join(r["distill"]) or "-":44s} {cells} '
+                  f'{r["spread"]:6.2f} {r["teacher_s"] / 60:5.1f} {r["distill_s"] / 60:5.1f}')
 
 
 def main(argv=None):
@@ -220,20 +223,21 @@ def main(argv=None):
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     quick_t = ['--kimg', '0.5', '--snap', '0.25', '--tick', '0.25'] if a.quick else []
-    quick_d = ['--kimg', '0.128', '--snap', '0.032', '--tick', '0.032', '--fid-num', '100'] if a.quick else []
+    quick_d = ['--kimg', '0.128', '--snap', '0.032', '--tick', '0.032', '--fid-num', '100', '--batch', '32'] \
+        if a.quick else []   # batch 32: four snapshots on every preset
     specs = []
     for name in a.sets.split(','):
         data, _ = write_set(name, a.out, 300 if a.quick else a.n)
         for teacher, dist in GRIDS[a.grid]:
-            t = [x for kv in teacher.items() for x in kv] + quick_t
-            d = [x for kv in dist.items() for x in kv] + quick_d
+            t = [x for k, v in teacher.items() for x in (k, v) if x] + quick_t     # '' marks a switch
+            d = [x for k, v in dist.items() for x in (k, v) if x] + quick_d
             tag = lambda flags: '_'.join(f.strip('-') for f in flags) or 'default'
             specs.append(dict(set=name, data=data, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2,
                               eval=200 if a.quick else 2000,
                               teacher_dir=os.path.join(a.out, f'{name}-teacher-{tag(t)}'),
                               dir=os.path.join(a.out, f'{name}-{tag(t)}-distill-{tag(d)}')))
     # Teachers first (one run each), then the distillations, a.jobs at a time.
-    firsts = list({s['teacher_dir']: s for s in specs}.values())
+    firsts = list({s['teacher_dir']: s for s in reversed(specs)}.values())[::-1]   # the first run of each teacher
     for batch in (firsts, [s for s in specs if s not in firsts]):
         procs = []
         for s in batch:
