@@ -1603,6 +1603,26 @@ def test_every_script_answers_help_with_the_papers_names_and_dry_run(tmp_path, c
     assert 'truncated' in capsys.readouterr().out
 
 
+def test_every_command_in_readme_names_only_flags_its_script_takes(capsys):
+    """A reader copies README's commands: each `python|torchrun ... X.py [sub] --flag` must name a flag X.py has."""
+    mains = dict(pretrain=pretrain.main, distill=distill.main, sample=sample.main, fid=fid.main)
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    commands = [c for block in re.findall(r'```bash\n(.*?)```', text, re.S) for line in block.splitlines()
+                for c in line.split('#')[0].split('&&')]
+    checked = 0
+    for cmd in commands:
+        m = re.search(r'\b(pretrain|distill|sample|fid)\.py( (?:ref|calc|figure)\b)?(.*)', cmd)
+        if not m:
+            continue
+        with pytest.raises(SystemExit):
+            mains[m[1]](([m[2].strip()] if m[2] else []) + ['--help'])
+        usage = capsys.readouterr().out
+        for flag in re.findall(r'(--[\w-]+)', m[3]):
+            assert re.search(rf'{flag}\b', usage), f'README runs {m[1]}.py{m[2] or ""} with {flag}, which it lacks'
+        checked += 1
+    assert checked >= 10
+
+
 def test_toy_quickstart_dsd_is_closer_to_the_clean_data_than_ambient_full(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                  # runs/ lands here, found by convention
     pretrain.main(['--data', 'toy', '--kimg', '300', '--snap', '300', '--device', 'cpu'])
