@@ -17,7 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from fid import frechet_distance, generated_features, load_inception, load_stats, noisy_reference, proximal, stats_of
+from fid import (frechet_distance, generated_features, label_of, load_inception, load_stats, noisy_reference, proximal,
+                 stats_of)
 from networks import build_net, die, init_distributed, load_checkpoint, print0, save_checkpoint
 from pretrain import (apply_augment, augment_choices, denoising_loss, ema_beta, log_tick, optimize, resume_checkpoint,
                       sample_sigma, split_batch, start_run, step_generator, steps_of, update_ema, write_snapshot)
@@ -308,8 +309,8 @@ def snapshot(cfg, step, best, G_ema, train_state, teacher_ckpt, refs, device):
     write_snapshot(cfg['outdir'], dict(ckpt, state=state), G_ema, device)
     if score < best or score == best == math.inf:          # without metrics, best.pt is the latest
         save_checkpoint(os.path.join(cfg['outdir'], 'best.pt'), ckpt)
-    names = dict(proximal_fd='Proximal FID', fid='FID') if cfg['features'] == 'inception' else \
-        dict(proximal_fd='proximal pixel FD', fid='pixel FD')
+    kind = label_of(cfg['features'], G_ema.config['arch'] == 'mlp')
+    names = dict(proximal_fd=f'proximal {kind}', fid=kind)
     print0(f'snapshot {kimg:.2f} kimg  ' + '  '.join(f'{names[k]} {v:.4f}' for k, v in ckpt['metrics'].items()))
     with open(os.path.join(cfg['outdir'], 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(dict(kimg=kimg, **ckpt['metrics'])) + '\n')

@@ -43,6 +43,9 @@ WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129
 LABEL = {'inception': 'FID', 'pixel': 'pixel FD'}
 PROXIMAL_STREAM = 1  # Proximal FID's noise: a stream of make_noisy that no training item draws from
 
+def label_of(kind, points=False):          # points' 'pixel' features are Fourier features (see sample_features)
+    return 'FD (Fourier features)' if points and kind == 'pixel' else LABEL[kind]
+
 # ----------------------------------------------------------------------------------------------
 # The FID Inception-v3. Attribute names follow the weights file so its state dict loads as is.
 # It differs from torchvision's ImageNet Inception-v3 where the TF graph differs: the average pools inside
@@ -310,11 +313,9 @@ def sample_features(x, kind='inception', device='cpu', net=None):
 def stats_of(feats):
     """Mean and (unbiased) covariance of (N, D) features, in float64."""
     feats = np.asarray(feats)
-    if feats.ndim != 2:
-        raise ValueError(f'features must be (N, D), got shape {feats.shape}')
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f'a covariance needs (N, D) features with N >= 2, got shape {feats.shape}')
     n, d = feats.shape
-    if n < 2:
-        raise ValueError(f'need at least 2 samples for a covariance, got {n}')
     if n < d:
         warnings.warn(f'only {n} samples for {d}-d features: the covariance is singular and the Frechet distance '
                       f'is biased upwards (use >= {d}; 50000 for reportable FID)', stacklevel=2)
@@ -450,8 +451,7 @@ def curve_distance(points, curve):
 
 def w2_matching(a, b):
     """Wasserstein-2 distance between two equal-size point sets by exact optimal matching (~1000 points)."""
-    n = min(len(a), len(b))
-    a, b = np.asarray(a[:n], np.float64), np.asarray(b[:n], np.float64)
+    a, b = (np.asarray(v[:min(len(a), len(b))], np.float64) for v in (a, b))
     cost = ((a[:, None] - b[None]) ** 2).sum(-1)
     rows, cols = scipy.optimize.linear_sum_assignment(cost)
     return float(np.sqrt(cost[rows, cols].mean()))
@@ -533,6 +533,7 @@ def cmd_calc(args, rank, world, device, net, ref):
         runs = [(f'{len(x)} images of {args.images}', lambda: features(mine, args.batch, device, net, args.features))]
     else:
         gen, ckpt = load_net(args.net, device)
+        label = ('proximal ' if args.proximal else '') + label_of(args.features, ckpt['net'].get('arch') == 'mlp')
         sigma_n = float(ckpt.get('sigma_n') or 0)
         if args.proximal and sigma_n <= 0:
             die(f'--net {args.net}: --proximal needs a checkpoint with sigma_n > 0 (it has {ckpt.get("sigma_n")})')

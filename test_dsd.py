@@ -1216,7 +1216,7 @@ def _fid_fake_modules(monkeypatch, clean, sigma_n=0.2):
     monkeypatch.setattr(fid, 'load_data', lambda data, data_dir=None: (clean, {'kind': 'images', 'name': data}))
     monkeypatch.setattr(fid, 'make_noisy', make_noisy)
     monkeypatch.setattr(fid, 'generate', generate)
-    monkeypatch.setattr(fid, 'load_net', lambda path, device: ('net', {'sigma_n': sigma_n}))
+    monkeypatch.setattr(fid, 'load_net', lambda path, device: ('net', {'sigma_n': sigma_n, 'net': {'arch': 'songunet'}}))
     return calls
 
 
@@ -1623,10 +1623,11 @@ def test_every_command_in_readme_names_only_flags_its_script_takes(capsys):
     assert checked >= 10
 
 
-def test_toy_quickstart_dsd_is_closer_to_the_clean_data_than_ambient_full(tmp_path, monkeypatch):
+def test_toy_quickstart_dsd_is_closer_to_the_clean_data_than_ambient_full(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)                                  # runs/ lands here, found by convention
     pretrain.main(['--data', 'toy', '--kimg', '300', '--snap', '300', '--device', 'cpu'])
     distill.main(['--data', 'toy', '--kimg', '128', '--snap', '64', '--device', 'cpu'])
+    assert 'proximal FD (Fourier features)' in capsys.readouterr().out       # points are not called pixels
     table = fid.main(['figure', '--net', 'runs/pretrain-toy-sigma0.2/latest.pt', '--generator',
                       'runs/distill-toy-sigma0.2/best.pt', '--out', 'fig4.png', '--device', 'cpu'])
     assert Image.open('fig4.png').size[0] > 4 * 300
