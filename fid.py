@@ -314,7 +314,7 @@ def stats_of(feats):
     """Mean and (unbiased) covariance of (N, D) features, in float64."""
     feats = np.asarray(feats)
     if feats.ndim != 2 or len(feats) < 2:
-        raise ValueError(f'a covariance needs (N, D) features with N >= 2, got shape {feats.shape}')
+        raise ValueError(f'a covariance needs (N, D) features with at least 2 rows, got shape {feats.shape}')
     n, d = feats.shape
     if n < d:
         warnings.warn(f'only {n} samples for {d}-d features: the covariance is singular and the Frechet distance '
