@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 
 from networks import build_net, die, init_distributed, load_checkpoint, print0
 
@@ -117,7 +118,6 @@ def to_uint8(x):
 def grid_image(images_u8):
     """uint8 NHWC -> one Pillow image, as square a grid as possible; images under 64 px are enlarged
     (nearest neighbour, at least 64 px a side) so that a person can see them."""
-    from PIL import Image
     n, h, w, c = images_u8.shape
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
@@ -131,7 +131,6 @@ def grid_image(images_u8):
 
 def scatter(points, size=320, lim=1.9, background=None, colour=(30, 90, 200), title=None):
     """A 2-D point cloud as a Pillow image (the first two coordinates), on [-lim, lim]^2."""
-    from PIL import Image, ImageDraw
     img = Image.new('RGB', (size, size), 'white')
     draw = ImageDraw.Draw(img)
     to_px = lambda p: ((p[:, 0] + lim) / (2 * lim) * (size - 1), (lim - p[:, 1]) / (2 * lim) * (size - 1))
@@ -161,7 +160,6 @@ def save_preview(net, ckpt, path, device, n=None):
 
 def write_samples(out, seeds, x):
     """--out DIR: PNGs in subfolders of 1000 as EDM does; --out FILE.npz handled by the caller."""
-    from PIL import Image
     u8 = to_uint8(x)
     for s, im in zip(seeds, u8):
         folder = os.path.join(out, f'{s - s % 1000:06d}')
