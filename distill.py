@@ -40,7 +40,7 @@ RECIPES = {
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'afhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, lr=5e-6, glr=5e-6, alpha=1.0),
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
-    'tiny': dict(lr=3e-4, glr=5e-5, gbeta1=0.0, alpha=1.2, batch=32, kimg=32, ema=500, ema_rampup=0.25, tick=1, snap=4,
+    'tiny': dict(lr=3e-4, glr=5e-5, gbeta1=0.0, alpha=1.2, batch=32, kimg=64, ema=500, ema_rampup=0.25, tick=1, snap=4,
                  fid_num=2000, dropout=None, augment=None),
     'toy': dict(lr=1e-4, glr=1e-4, gbeta1=0.0, alpha=1.2, batch=256, kimg=512, ema=500, ema_rampup=0.05, tick=32,
                 snap=128, fid_num=2000, dropout=None, augment=None),
