@@ -302,8 +302,7 @@ def features(images, batch=64, device='cpu', net=None, kind='inception'):
 
 def sample_features(x, kind='inception', device='cpu', net=None):
     """Images NCHW in [-1, 1] go through the uint8 path above. Points (N, D) become 256 random Fourier features
-    (fixed frequencies, length scale 0.25 in model units): a Frechet distance of the raw coordinates would compare
-    two moments only, one of these features sees the shape of the point cloud."""
+    (fixed frequencies, length scale 0.25), which see the cloud's shape, not only its first two moments."""
     x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
     if x.ndim == 2:
         proj = x.astype(np.float64) @ np.random.default_rng(0).normal(0, 1 / 0.25, (x.shape[1], 128))
@@ -451,7 +450,8 @@ def curve_distance(points, curve):
 
 def w2_matching(a, b):
     """Wasserstein-2 distance between two equal-size point sets by exact optimal matching (~1000 points)."""
-    a, b = (np.asarray(v[:min(len(a), len(b))], np.float64) for v in (a, b))
+    n = min(len(a), len(b))
+    a, b = np.asarray(a[:n], np.float64), np.asarray(b[:n], np.float64)
     cost = ((a[:, None] - b[None]) ** 2).sum(-1)
     rows, cols = scipy.optimize.linear_sum_assignment(cost)
     return float(np.sqrt(cost[rows, cols].mean()))

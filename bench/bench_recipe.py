@@ -116,14 +116,15 @@ def write_set(name, folder, n):
 # ----------------------------------------------------------------------------------------------
 # The grid. A setting is (teacher flags, distillation flags), on top of the preset's defaults.
 
-OLD = {'--lr': '1e-4', '--glr': '1e-4'}        # the tiny distillation recipe before this study (ramp-up 0.05)
+OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32'}    # tiny distillation before this study (ramp-up 0.05)
+NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32'}   # today's tiny default, at 32 kimg
 GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same after the defaults move ('' = a switch)
     'defaults': [({}, {})],
     'coarse': [({}, dict(OLD, **{'--ema-rampup': '0.05'})), ({}, dict(OLD, **{'--ema-rampup': '0.25'})),
-               ({}, dict(OLD, **{'--glr': '3e-5', '--ema-rampup': '0.25'})),
-               ({}, {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25'})],      # the new tiny default
-    'fine': [({}, dict(OLD, **{'--gen-sigma-min': '', '--ema-rampup': '0.25'})),
-             ({}, dict(OLD, **{'--gen-sigma-min': '', '--ema-rampup': '0.25', '--batch': '64'}))],
+               ({}, dict(OLD, **{'--glr': '3e-5', '--ema-rampup': '0.25'})), ({}, NEW)],
+    'fine': [({}, dict(OLD, **{'--gen-sigma-min': '', '--ema-rampup': '0.25', '--batch': '64'})),
+             ({}, dict(NEW, **{'--alpha': '1.0'})), ({}, dict(NEW, **{'--glr': '1e-4'})),
+             ({}, dict(NEW, **{'--tmax': '400'}))],
     'points': [({}, {}), ({}, {'--ema-rampup': '0.25'}), ({}, {'--glr': '3e-5', '--ema-rampup': '0.25'}),
                ({'--kimg': '3000'}, {}), ({'--kimg': '3000'}, {'--kimg': '1024'}),
                ({'--kimg': '3000'}, {'--lr': '3e-4', '--glr': '3e-4'})],
