@@ -20,8 +20,9 @@ import torch.distributed as dist
 from fid import (frechet_distance, generated_features, label_of, load_inception, load_stats, noisy_reference, proximal,
                  stats_of)
 from networks import build_net, die, init_distributed, load_checkpoint, print0, save_checkpoint
-from pretrain import (apply_augment, augment_choices, denoising_loss, ema_beta, log_tick, optimize, resume_checkpoint,
-                      sample_sigma, split_batch, start_run, step_generator, steps_of, update_ema, write_snapshot)
+from pretrain import (apply_augment, augment_choices, denoising_loss, ema_beta, log_tick, on_device, optimize,
+                      resume_checkpoint, sample_sigma, split_batch, start_run, step_generator, steps_of, update_ema,
+                      write_snapshot)
 from sample import one_step, sample_shape
 
 # Distillation recipes per teacher preset. The paper's 32x32 and 64x64 runs are "identical to SiD" (App. D.2); the
@@ -217,9 +218,7 @@ def main(argv=None):
     teacher, G, fake = (build_net(dict(teacher_ckpt['net'], dropout=d)) for d in (0.0, cfg['dropout'], cfg['dropout']))
     for net in (teacher, G, fake):
         net.load_state_dict(teacher_ckpt['ema'])
-    layout = torch.channels_last if device.type == 'cuda' and len(sample_shape(teacher.config)) == 3 else \
-        torch.contiguous_format                                      # as pretrain.py: NHWC convolutions on GPUs
-    teacher, G, fake = (m.to(device, memory_format=layout) for m in (teacher, G, fake))
+    teacher, G, fake = (on_device(m, device) for m in (teacher, G, fake))
     teacher.eval().requires_grad_(False)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg['glr'], betas=(cfg['gbeta1'], 0.999), eps=1e-8)
