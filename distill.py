@@ -20,9 +20,9 @@ import torch.distributed as dist
 from fid import (frechet_distance, generated_features, label_of, load_inception, load_stats, noisy_reference, proximal,
                  stats_of)
 from networks import build_net, die, init_distributed, load_checkpoint, print0, save_checkpoint
-from pretrain import (apply_augment, augment_choices, denoising_loss, ema_beta, log_tick, on_device, optimize,
-                      resume_checkpoint, sample_sigma, split_batch, start_run, step_generator, steps_of, update_ema,
-                      write_snapshot)
+from pretrain import (apply_augment, augment_choices, check_ranges, denoising_loss, ema_beta, log_tick, on_device,
+                      optimize, resume_checkpoint, sample_sigma, split_batch, start_run, step_generator, steps_of,
+                      update_ema, write_snapshot)
 from sample import one_step, sample_shape
 
 # Distillation recipes per teacher preset. The paper's 32x32 and 64x64 runs are "identical to SiD" (App. D.2); the
@@ -159,8 +159,10 @@ def resolve(args):
     """Alg. 1, line 1: the teacher and the settings of this run. Returns (cfg, teacher checkpoint)."""
     if args.method not in ('sid', 'dmd', 'sds'):
         die(f'--method {args.method}: unknown; choose sid (D-SiD), dmd (D-DMD) or sds (D-SDS)')
-    if args.sigma is not None and not 0 <= args.sigma < math.inf:
-        die(f'--sigma {args.sigma}: the noise level must be >= 0 and finite')
+    check_ranges(args, dict(sigma='>= 0', alpha='>= 0', sigma_init='> 0', tmax='> 0', sigma_min='> 0', lr='> 0',
+                            glr='> 0', gbeta1='in [0, 1)', dropout='in [0, 1)', augment='in [0, 1]', batch='> 0',
+                            batch_gpu='> 0', lsg='> 0', ema='> 0', ema_rampup='>= 0', kimg='> 0', tick='> 0',
+                            snap='> 0', fid_num='>= 0'))
     path = args.teacher or find_teacher(args.data, args.sigma)
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
@@ -189,8 +191,7 @@ def resolve(args):
         recipe['augment'] = teacher.get('config', {}).get('augment', recipe['augment'] or 0.0) if net['augment_dim'] else 0
     elif args.augment and not net['augment_dim']:
         die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
-    if recipe['dropout'] is None:
-        recipe['dropout'] = net['dropout']
+    recipe['dropout'] = net['dropout'] if recipe['dropout'] is None else recipe['dropout']
     cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), loss=loss, method=args.method,
                sigma_init=args.sigma_init, tmax=args.tmax,
                sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min,

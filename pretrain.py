@@ -101,10 +101,8 @@ def find_cifar10(data_dir):
     print0(f'downloading CIFAR-10 to {target} (one attempt, 120 s timeout) ...')
     try:
         os.makedirs(dirs[0], exist_ok=True)
-        with urllib.request.urlopen(CIFAR_URL, timeout=120) as r:
-            blob = r.read()
-        with open(target + '.tmp', 'wb') as f:
-            f.write(blob)
+        with urllib.request.urlopen(CIFAR_URL, timeout=120) as r, open(target + '.tmp', 'wb') as f:
+            f.write(r.read())
         os.replace(target + '.tmp', target)
         return target
     except Exception as e:
@@ -116,10 +114,8 @@ def load_cifar10(data_dir):
     path = find_cifar10(data_dir)
     try:
         with tarfile.open(path, 'r:gz') as tar:
-            batches = []
-            for k in range(1, 6):
-                f = tar.extractfile(f'cifar-10-batches-py/data_batch_{k}')
-                batches.append(_NumpyOnly(f, encoding='latin1').load()['data'])
+            member = lambda k: tar.extractfile(f'cifar-10-batches-py/data_batch_{k}')
+            batches = [_NumpyOnly(member(k), encoding='latin1').load()['data'] for k in range(1, 6)]
     except (tarfile.TarError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
         die(f'{path}: not a readable cifar-10-python.tar.gz ({e}); delete it and fetch {CIFAR_URL} again')
     return np.concatenate(batches).reshape(-1, 3, 32, 32)        # uint8 NCHW, the 50k training images
@@ -214,9 +210,7 @@ def make_noisy(clean, sigma, seed=0, index=None, stream=0):
 def noisy_dataset(data, sigma, seed=0, data_dir=None, already_noisy=False):
     """Alg. 2, line 1: the only data training ever sees, the fixed noisy set."""
     x, info = load_data(data, data_dir)
-    if already_noisy:
-        return x, info
-    return make_noisy(x, sigma, seed), info
+    return (x if already_noisy else make_noisy(x, sigma, seed)), info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,9 +282,7 @@ def denoising_loss(net, y, sigma, eps, sigma_n, loss, augment_labels=None):
 
 def ema_beta(batch, nimg, halflife_kimg, rampup):
     """EDM's EMA: half-life in images, ramped up as a fraction of the images seen so far."""
-    half = halflife_kimg * 1000
-    if rampup:
-        half = min(half, nimg * rampup)
+    half = min(halflife_kimg * 1000, nimg * rampup) if rampup else halflife_kimg * 1000
     return 0.5 ** (batch / max(half, 1e-8))
 
 
@@ -520,6 +512,17 @@ def estimate_sigma(x, seed=0, n_patches=100_000):
 
 # ----------------------------------------------------------------------------------------------
 
+RANGES = {'> 0': lambda v: 0 < v < math.inf, '>= 0': lambda v: 0 <= v < math.inf,
+          'in [0, 1]': lambda v: 0 <= v <= 1, 'in [0, 1)': lambda v: 0 <= v < 1}
+
+
+def check_ranges(args, rules):
+    """argparse checks a number flag's type, this its range ({dest: a key of RANGES}), in one line naming the flag."""
+    for name, rule in rules.items():
+        if getattr(args, name) is not None and not RANGES[rule](getattr(args, name)):
+            die(f'--{name.replace("_", "-")} {getattr(args, name)}: must be {rule} (a finite number)')
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='DSD Phase I: train an EDM teacher on noisy data (Algorithm 2).')
     p.add_argument('--data', default='cifar10', help='cifar10 | toy | shapes | image folder | .zip | .npy/.npz')
@@ -556,8 +559,6 @@ def parse_args(argv=None):
 
 
 def default_preset(data, x, info):
-    if data in ('toy', 'shapes', 'cifar10'):
-        return {'toy': 'toy', 'shapes': 'tiny', 'cifar10': 'cifar10'}[data]
     if info['kind'] == 'points':
         return 'toy'
     return {32: 'cifar10', 64: 'ffhq64', 16: 'tiny'}.get(x.shape[-1]) or \
@@ -566,6 +567,8 @@ def default_preset(data, x, info):
 
 def resolve(args):
     """Preset + explicit flags -> the configuration that runs. Returns (cfg, net_config, noisy data, info)."""
+    check_ranges(args, dict(kimg='> 0', batch='> 0', batch_gpu='> 0', lr='> 0', warmup='>= 0', dropout='in [0, 1)',
+                            augment='in [0, 1]', ema='> 0', ema_rampup='>= 0', tick='> 0', snap='> 0'))
     if args.sigma == 'auto':
         sigma = None
     else:
@@ -587,10 +590,9 @@ def resolve(args):
     if (info['kind'] == 'points') != (net_cfg.get('arch') == 'mlp'):
         die(f'--preset {preset} is for {"points" if net_cfg.get("arch") == "mlp" else "images"} but --data '
             f'{args.data} holds {info["kind"]}; use --preset {"toy" if info["kind"] == "points" else "tiny"}')
-    if info['kind'] == 'points':
-        net_cfg['img_channels'] = y.shape[1]
-    else:
-        net_cfg['img_resolution'], net_cfg['img_channels'] = y.shape[-1], y.shape[1]
+    net_cfg['img_channels'] = y.shape[1]                    # colour channels, or the dimension of points
+    if info['kind'] == 'images':
+        net_cfg['img_resolution'] = y.shape[-1]
     if args.dropout is not None:
         net_cfg['dropout'] = args.dropout
     for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'ema_rampup', 'tick', 'snap'):

@@ -738,7 +738,9 @@ def test_pretrain_bad_input_ends_in_one_clear_line(tmp_path):
                       (['--batch', '60', '--batch-gpu', '8'], 'not divisible'),
                       (['--preset', 'huge'], 'unknown'),
                       (['--preset', 'tiny'], 'is for images'),
-                      (['--resume'], 'does not exist')]:
+                      (['--resume'], 'does not exist'),
+                      (['--lr', '-1'], r'--lr -1.0: must be > 0'), (['--augment', '2'], r'--augment 2.0: must be in \[0, 1\]'),
+                      (['--ema', 'nan'], r'--ema nan: must be > 0 \(a finite number\)')]:
         with pytest.raises(SystemExit, match=msg):
             run(*args)
     run('--kimg', '0.128', '--snap', '0.128')                    # a finished run of the toy architecture ...
@@ -769,7 +771,10 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
     gen = _tiny_ckpt(tmp_path / 'g.pt', 'generator', points=True)
     _one_line_error(_run('distill.py', '--teacher', gen, cwd=tmp_path), 'generator checkpoint')
     for args, msg in [(['--sigma', '-0.5'], 'must be >= 0'), (['--method', 'gan'], 'unknown'),
-                      (['--loss', 'standard'], 'force-loss'), (['--batch', '30', '--batch-gpu', '4'], 'not divisible')]:
+                      (['--loss', 'standard'], 'force-loss'), (['--batch', '30', '--batch-gpu', '4'], 'not divisible'),
+                      (['--lr', '-1'], '--lr -1.0: must be > 0'), (['--fid-num', '-5'], '--fid-num -5: must be >= 0'),
+                      (['--gbeta1', '1'], r'--gbeta1 1.0: must be in \[0, 1\)'), (['--alpha', 'nan'], '--alpha nan'),
+                      (['--sigma-init', '0'], '--sigma-init 0.0: must be > 0')]:
         with pytest.raises(SystemExit, match=msg):
             distill.main(['--teacher', toy_teacher, '--data', 'toy', '--fid-num', '0', '--outdir', str(tmp_path / 'o'),
                           *args])
