@@ -606,8 +606,8 @@ def parse_args(argv=None):
     f.add_argument('--batch', type=int, default=256)
     f.add_argument('--device', default=None)
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error('--batch must be >= 1')
+    if args.batch < 1 or getattr(args, 'steps', None) is not None and args.steps < 1:
+        p.error('--batch and --steps must be >= 1')
     if args.cmd == 'calc':
         if args.num is not None and args.num < 2:
             p.error('--num must be >= 2')

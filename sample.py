@@ -182,8 +182,8 @@ def main(argv=None):
     p.add_argument('--device', default=None)
     p.add_argument('--dry-run', action='store_true', help='print the resolved configuration and exit')
     args = p.parse_args(argv)
-    if args.batch < 1:
-        die(f'--batch {args.batch}: must be >= 1')
+    if args.batch < 1 or args.steps is not None and args.steps < 1:
+        die(f'--batch {args.batch}, --steps {args.steps}: each must be >= 1')
     seeds = parse_seeds(args.seeds)
     rank, world, device = init_distributed(args.device)
     net, ckpt = load_net(args.net, device)

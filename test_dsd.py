@@ -1017,6 +1017,7 @@ def test_sample_cli_writes_pngs_npz_and_refuses_bad_input(tmp_path):
     pts = np.load(tmp_path / 'p.npz')['samples']
     assert pts.dtype == np.float32 and pts.shape == (10, 2)
     _one_line_error(_run('sample.py', '--net', gen, '--seeds', '9-2', cwd=tmp_path), '--seeds')
+    _one_line_error(_run('sample.py', '--net', gen, '--steps', '-3', cwd=tmp_path), '--steps -3: each must be >= 1')
     _one_line_error(_run('sample.py', '--net', str(tmp_path / 'nope.pt'), cwd=tmp_path), 'nope.pt')
     (tmp_path / 'junk.pt').write_bytes(b'junk')
     _one_line_error(_run('sample.py', '--net', str(tmp_path / 'junk.pt'), cwd=tmp_path), 'junk.pt')
