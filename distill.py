@@ -43,7 +43,7 @@ RECIPES = {
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'tiny': dict(lr=3e-4, glr=5e-5, gbeta1=0.0, alpha=1.2, batch=32, kimg=64, ema=500, ema_rampup=0.25, tick=1, snap=4,
                  fid_num=2000, dropout=None, augment=None),
-    'toy': dict(lr=1e-4, glr=1e-4, gbeta1=0.0, alpha=1.2, batch=256, kimg=512, ema=500, ema_rampup=0.05, tick=32,
+    'toy': dict(lr=5e-5, glr=5e-5, gbeta1=0.0, alpha=1.2, batch=256, kimg=2048, ema=500, ema_rampup=0.25, tick=32,
                 snap=128, fid_num=2000, dropout=None, augment=None),
 }
 

@@ -1632,7 +1632,9 @@ def test_every_command_in_readme_names_only_flags_its_script_takes(capsys):
 def test_toy_quickstart_dsd_is_closer_to_the_clean_data_than_ambient_full(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)                                  # runs/ lands here, found by convention
     pretrain.main(['--data', 'toy', '--kimg', '300', '--snap', '300', '--device', 'cpu'])
-    distill.main(['--data', 'toy', '--kimg', '128', '--snap', '64', '--device', 'cpu'])
+    # a sixteenth of the default length, so twice the default learning rates and a short EMA ramp-up
+    distill.main(['--data', 'toy', '--kimg', '128', '--snap', '64', '--lr', '1e-4', '--glr', '1e-4', '--ema-rampup',
+                  '0.05', '--device', 'cpu'])
     assert 'proximal FD (Fourier features)' in capsys.readouterr().out       # points are not called pixels
     table = fid.main(['figure', '--net', 'runs/pretrain-toy-sigma0.2/latest.pt', '--generator',
                       'runs/distill-toy-sigma0.2/best.pt', '--out', 'fig4.png', '--device', 'cpu'])
@@ -1657,8 +1659,8 @@ def test_bench_recipe_smoke(tmp_path):
     teacher, distillation, the three samplers, the table."""
     r = _run('bench/bench_recipe.py', '--quick', '--sets', 'leaves,clusters', '--out', tmp_path / 'b', cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert 'leaves (pixel FD to clean' in r.stdout and 'clusters (W2 to clean' in r.stdout
-    for name, key in (('leaves', 'fd'), ('clusters', 'w2')):
+    assert 'leaves (pixel FD to clean' in r.stdout and 'clusters (FD (Fourier features) / W2' in r.stdout
+    for name, key in (('leaves', 'fd'), ('clusters', 'w2'), ('clusters', 'fd')):
         (res,) = [json.load(open(os.path.join(d, 'result.json'))) for d in (tmp_path / 'b').glob(f'{name}-*distill*')]
         vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd')] + [res['latest'][key]]
         assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res
