@@ -31,20 +31,21 @@ from sample import one_step, sample_shape
 # dropout 0.13 and augment 0.12 (defaults); ffhq64, lines 101-125: batch 512, lr = glr 1e-5, --g_beta1 0.9, alpha 1.2,
 # --dropout 0.05, --augment 0.15; afhq64, lines 128-151: batch 512, --lr = --glr 5e-6, g_beta1 0, --alpha 1.0,
 # --dropout 0.05, --augment 0.15. celebahq64 has no SiD recipe; the authors' RSD code gives it FFHQ's
-# (TianyuCodings/RSD run_bash/distill.sh, operator/run_bash/celeba_train_sid.sh). The fake net's Adam betas are
-# (0, 0.999) in all (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64). dropout applies to
-# the fake net and the generator; augment to the fake net's loss (None: the teacher's). tiny / toy are CPU recipes,
-# chosen by bench/bench_recipe.py on data sets they were not tuned on (README, "CPU recipes").
-_SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, ema=500, ema_rampup=0.05, tick=50, snap=1000, fid_num=50000)
+# (TianyuCodings/RSD run_bash/distill.sh, operator/run_bash/celeba_train_sid.sh). In all, the fake net's Adam betas
+# are (0, 0.999) and init_sigma is 2.5 (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64).
+# dropout applies to the fake net and the generator, augment to the fake net's loss (None: the teacher's). tiny and
+# toy are CPU recipes, chosen by bench/bench_recipe.py on data sets they were not tuned on (README, "CPU recipes").
+_SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
+            fid_num=50000)
 RECIPES = {
     'cifar10': dict(_SID, batch=256, kimg=100000, dropout=0.13, augment=0.12, snap=2000),
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'afhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, lr=5e-6, glr=5e-6, alpha=1.0),
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
-    'tiny': dict(lr=3e-4, glr=5e-5, gbeta1=0.0, alpha=1.2, batch=32, kimg=64, ema=500, ema_rampup=0.25, tick=1, snap=4,
+    'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=64, ema_rampup=0.25, tick=1, snap=4,
                  fid_num=2000, dropout=None, augment=None),
-    'toy': dict(lr=5e-5, glr=5e-5, gbeta1=0.0, alpha=1.2, batch=256, kimg=2048, ema=500, ema_rampup=0.25, tick=32,
-                snap=128, fid_num=2000, dropout=None, augment=None),
+    'toy': dict(_SID, lr=5e-5, glr=5e-5, batch=256, kimg=2048, ema_rampup=0.25, tick=32, snap=128, fid_num=2000,
+                dropout=None, augment=None),
 }
 
 
@@ -121,7 +122,7 @@ def parse_args(argv=None):
     p.add_argument('--loss', default=None, choices=['ambient', 'standard'],
                    help='ambient (Eq. 3, the paper\'s adjusted way) or standard (Eq. 1); default: the teacher\'s')
     p.add_argument('--force-loss', action='store_true', help='allow a --loss other than the teacher\'s')
-    p.add_argument('--sigma-init', type=float, default=2.5, help='G(z) = D(sigma_init * z; sigma_init)')
+    p.add_argument('--sigma-init', type=float, help='G(z) = D(sigma_init * z; sigma_init) (default: the recipe\'s)')
     p.add_argument('--tmax', type=float, default=800, help='SiD: generator noise levels t ~ U[0, tmax/1000]')
     p.add_argument('--sigma-min', type=float, default=0.002, help='smallest generator noise level')
     p.add_argument('--gen-sigma-min', action='store_true',
@@ -179,8 +180,8 @@ def resolve(args):
     preset = teacher.get('config', {}).get('preset') or ('toy' if net.get('arch') == 'mlp' else 'tiny'
         if net['img_resolution'] <= 16 else 'cifar10' if net['img_resolution'] <= 32 else 'ffhq64')
     recipe = dict(RECIPES.get(preset, RECIPES['cifar10']))
-    for k in ('lr', 'glr', 'gbeta1', 'alpha', 'dropout', 'augment', 'batch', 'kimg', 'ema', 'ema_rampup', 'tick', 'snap',
-              'fid_num'):
+    for k in ('lr', 'glr', 'gbeta1', 'alpha', 'sigma_init', 'dropout', 'augment', 'batch', 'kimg', 'ema', 'ema_rampup',
+              'tick', 'snap', 'fid_num'):
         if getattr(args, k) is not None:
             recipe[k] = getattr(args, k)
     features = args.features if args.features != 'auto' else \
@@ -192,8 +193,7 @@ def resolve(args):
     elif args.augment and not net['augment_dim']:
         die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
     recipe['dropout'] = net['dropout'] if recipe['dropout'] is None else recipe['dropout']
-    cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), loss=loss, method=args.method,
-               sigma_init=args.sigma_init, tmax=args.tmax,
+    cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), loss=loss, method=args.method, tmax=args.tmax,
                sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min,
                lsg=args.lsg, seed=args.seed, precision=args.precision,
                features=features, ref=args.ref, preset=preset, **recipe,

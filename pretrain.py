@@ -1,6 +1,6 @@
 """Phase I of DSD: denoising pretraining of an EDM teacher on a fixed noisy copy of the data (Algorithm 2).
 
-    python pretrain.py --data toy                          # 2-D toy, CPU, a minute
+    python pretrain.py --data toy                          # 2-D toy, CPU, about a minute
     torchrun --nproc_per_node=4 pretrain.py --sigma 0.2    # the paper's CIFAR-10 teacher
 
 Read top to bottom: the data and its corruption y = x0 + sigma_n * eps (the only data any stage trains on),

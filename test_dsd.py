@@ -1605,6 +1605,10 @@ def test_every_script_answers_help_with_the_papers_names_and_dry_run(tmp_path, c
     distill.main(['--teacher', toy_teacher, '--data', 'toy', '--alpha', '1.0', '--dry-run'])
     cfg = json.loads(capsys.readouterr().out)
     assert cfg['config']['alpha'] == 1.0 and cfg['config']['method'] == 'sid' and cfg['config']['sigma_n'] == 0.2
+    assert cfg['config']['sigma_init'] == 2.5                        # SiD's on points; the tiny recipe's is 1.0
+    for flags, want in (([], 1.0), (['--sigma-init', '2.5'], 2.5)):
+        distill.main(['--teacher', _tiny_ckpt(tmp_path / 'tiny.pt'), '--data', 'shapes', *flags, '--dry-run'])
+        assert json.loads(capsys.readouterr().out)['config']['sigma_init'] == want
     sample.main(['--net', toy_teacher, '--seeds', '0-9', '--dry-run'])
     assert 'truncated' in capsys.readouterr().out
 
