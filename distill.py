@@ -228,7 +228,7 @@ def main(argv=None):
     step, best = 0, math.inf
     if args.resume:
         ck = resume_checkpoint(args.resume, cfg['outdir'], 'generator', G.config, cfg,
-                               ('sigma_n', 'loss', 'method', 'seed', 'batch'))
+                               ('sigma_n', 'loss', 'method', 'seed', 'batch', 'sigma_init'))
         for k, v in train_state.items():
             v.load_state_dict(ck['state'][k])
         G_ema.load_state_dict(ck['ema'])

@@ -778,6 +778,10 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
         with pytest.raises(SystemExit, match=msg):
             distill.main(['--teacher', toy_teacher, '--data', 'toy', '--fid-num', '0', '--outdir', str(tmp_path / 'o'),
                           *args])
+    run = [*_DIST, '--teacher', toy_teacher, '--fid-num', '0', '--snap', '0.064', '--outdir', str(tmp_path / 'r')]
+    distill.main([*run, '--kimg', '0.064'])
+    with pytest.raises(SystemExit, match='that run used sigma_init=2.5'):     # G's input scale is part of G
+        distill.main([*run, '--kimg', '0.128', '--sigma-init', '1.0', '--resume'])
 
 
 def test_distill_every_method_and_loss_runs_through_main(tmp_path, toy_teacher):
