@@ -129,7 +129,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
              ({}, dict(NEW, **{'--tmax': '400'}))],
     'tmax': [({}, dict(NEW, **{'--tmax': '1000'}))],
     'fake-lr': [({}, dict(NEW, **{'--lr': '1e-3'}))],
-    'sigma-init': [({}, dict(NEW, **{'--sigma-init': '1.0'}))],
+    'sigma-init': [({}, dict(NEW, **{'--sigma-init': '1.0'})), ({}, dict(NEW, **{'--sigma-init': '0.5'}))],
     'points': [(T1000, TOY), (T1000, dict(TOY, **{'--ema-rampup': '0.25'})),
                (T1000, dict(TOY, **{'--glr': '3e-5', '--ema-rampup': '0.25'})), (T3000, TOY),
                (T3000, dict(TOY, **{'--kimg': '1024'})), (T3000, dict(TOY, **{'--lr': '3e-4', '--glr': '3e-4'}))],
