@@ -143,9 +143,9 @@ def distances(x, fresh, support):
     """Distance of samples x to the fresh clean set: the Frechet distance of fid.py's 'pixel' features (pixels for
     images, random Fourier features for points); for points also W2 (1000-point matching) and the mean distance to
     the clean support (`support`: a dense clean sample). Between two clean sets of 1000 points W2 is already
-    0.12-0.19 (+-0.01-0.06 across draws), so for points FD is the sharper of the two distribution distances."""
-    fd = fid.frechet_distance(*fid.stats_of(fid.sample_features(torch.as_tensor(x), 'pixel')),
-                              *fid.stats_of(fid.sample_features(torch.as_tensor(fresh), 'pixel')))
+    0.13-0.16 (standard deviation up to 0.06 across draws), so for points FD is the sharper distribution distance."""
+    fd = fid.frechet_distance(*fid.stats_of(fid.sample_features(x, 'pixel')),
+                              *fid.stats_of(fid.sample_features(fresh, 'pixel')))
     if support is not None:
         return dict(fd=fd, w2=fid.w2_matching(x[:1000], fresh[:1000]), support=fid.curve_distance(x, support))
     return dict(fd=fd)
@@ -163,13 +163,20 @@ def spread(metrics_file):
     return dict(proximal=[round(v, 4) for v in vals], spread=max(abs(v - med) for v in vals) / med if med else math.nan)
 
 
-def script(name, *args, threads=1):
+def script(name, outdir, *args, threads=1):
+    """Run a stage into outdir once: a finished run (its time.json) is reused. Returns the stage's seconds."""
+    timing = os.path.join(outdir, 'time.json')
+    if os.path.isfile(timing):
+        return json.load(open(timing))['seconds']
     t = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
-    r = subprocess.run([sys.executable, os.path.join(ROOT, name), *args], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, name), '--outdir', outdir, *args], env=env,
+                       capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f'{name} {" ".join(args)} failed:\n{r.stderr[-2000:]}')
-    return time.time() - t
+    seconds = time.time() - t
+    json.dump(dict(seconds=seconds), open(timing, 'w'))
+    return seconds
 
 
 def one(spec):
@@ -180,16 +187,10 @@ def one(spec):
     if os.path.isfile(done):
         return json.load(open(done))
     teacher_dir = spec['teacher_dir']
-    if not os.path.isfile(os.path.join(teacher_dir, 'time.json')):
-        t_time = script('pretrain.py', '--data', spec['data'], '--sigma', str(SIGMA), '--outdir', teacher_dir,
-                        '--device', 'cpu', *spec['teacher'], threads=spec['threads'])
-        json.dump(dict(seconds=t_time), open(os.path.join(teacher_dir, 'time.json'), 'w'))
-    t_time = json.load(open(os.path.join(teacher_dir, 'time.json')))['seconds']
-    if not os.path.isfile(os.path.join(out, 'time.json')):   # a finished distillation is evaluated, not rerun
-        d_time = script('distill.py', '--data', spec['data'], '--teacher', os.path.join(teacher_dir, 'latest.pt'),
-                        '--outdir', out, '--device', 'cpu', *spec['distill'], threads=spec['threads'])
-        json.dump(dict(seconds=d_time), open(os.path.join(out, 'time.json'), 'w'))
-    d_time = json.load(open(os.path.join(out, 'time.json')))['seconds']
+    t_time = script('pretrain.py', teacher_dir, '--data', spec['data'], '--sigma', str(SIGMA), '--device', 'cpu',
+                    *spec['teacher'], threads=spec['threads'])
+    d_time = script('distill.py', out, '--data', spec['data'], '--teacher', os.path.join(teacher_dir, 'latest.pt'),
+                    '--device', 'cpu', *spec['distill'], threads=spec['threads'])
     points = spec['set'] in POINTS
     fresh = SETS[spec['set']](spec['eval'], 1)
     fresh = fresh.astype(np.float32) if points else np.rint(fresh * 255).astype(np.float32) / 127.5 - 1
@@ -216,7 +217,7 @@ def table(results):
     for name in dict.fromkeys(r['set'] for r in results):
         rows = [r for r in results if r['set'] == name]
         keys = ('fd', 'w2', 'support') if name in POINTS else ('fd',)
-        label = 'FD (Fourier features) / W2 / mean distance to the clean support' if name in POINTS else \
+        label = f'{fid.label_of("pixel", True)} / W2 / mean distance to the clean support' if name in POINTS else \
             'pixel FD to clean'
         print(f'\n{name} ({label}; DSD is best.pt, then latest.pt; spread: max |x - median| / median of Proximal FD '
               f'over the last 4 snapshots; minutes per stage)')
