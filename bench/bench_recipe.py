@@ -130,6 +130,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'tmax': [({}, dict(NEW, **{'--tmax': '1000'}))],
     'fake-lr': [({}, dict(NEW, **{'--lr': '1e-3'}))],
     'sigma-init': [({}, dict(NEW, **{'--sigma-init': '1.0'})), ({}, dict(NEW, **{'--sigma-init': '0.5'}))],
+    'gen-sigma-min': [({}, dict(NEW, **{'--sigma-init': '1.0', '--gen-sigma-min': ''}))],
+    'batch': [({}, dict(NEW, **{'--sigma-init': '1.0', '--batch': '64'}))],
     'points': [(T1000, TOY), (T1000, dict(TOY, **{'--ema-rampup': '0.25'})),
                (T1000, dict(TOY, **{'--glr': '3e-5', '--ema-rampup': '0.25'})), (T3000, TOY),
                (T3000, dict(TOY, **{'--kimg': '1024'})), (T3000, dict(TOY, **{'--lr': '3e-4', '--glr': '3e-4'}))],
