@@ -116,8 +116,10 @@ def write_set(name, folder, n):
 # ----------------------------------------------------------------------------------------------
 # The grid. A setting is (teacher flags, distillation flags), on top of the preset's defaults.
 
-OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32'}    # tiny distillation before this study (ramp-up 0.05)
-NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32'}   # today's tiny default, at 32 kimg
+S25 = {'--sigma-init': '2.5'}                               # SiD's, the tiny default until the sigma-init grid
+OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32', **S25}    # tiny distillation before this study (ramp-up 0.05)
+NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', **S25}   # the study's first choice
+TINY = dict(NEW, **{'--sigma-init': '1.0'})                                              # today's default, at 32 kimg
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = {'--kimg': '1000'}, {'--kimg': '3000'}                         # toy teachers: the old default, today's
 GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same after the defaults move ('' = a switch)
@@ -129,9 +131,9 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
              ({}, dict(NEW, **{'--tmax': '400'}))],
     'tmax': [({}, dict(NEW, **{'--tmax': '1000'}))],
     'fake-lr': [({}, dict(NEW, **{'--lr': '1e-3'}))],
-    'sigma-init': [({}, dict(NEW, **{'--sigma-init': '1.0'})), ({}, dict(NEW, **{'--sigma-init': '0.5'}))],
-    'gen-sigma-min': [({}, dict(NEW, **{'--sigma-init': '1.0', '--gen-sigma-min': ''}))],
-    'batch': [({}, dict(NEW, **{'--sigma-init': '1.0', '--batch': '64'}))],
+    'sigma-init': [({}, TINY), ({}, dict(NEW, **{'--sigma-init': '0.5'}))],
+    'gen-sigma-min': [({}, dict(TINY, **{'--gen-sigma-min': ''}))],
+    'batch': [({}, dict(TINY, **{'--batch': '64'}))],
     'points': [(T1000, TOY), (T1000, dict(TOY, **{'--ema-rampup': '0.25'})),
                (T1000, dict(TOY, **{'--glr': '3e-5', '--ema-rampup': '0.25'})), (T3000, TOY),
                (T3000, dict(TOY, **{'--kimg': '1024'})), (T3000, dict(TOY, **{'--lr': '3e-4', '--glr': '3e-4'}))],
