@@ -1664,7 +1664,7 @@ def test_under_torchrun_a_bad_input_is_reported_once(tmp_path):
 
 def test_bench_recipe_smoke(tmp_path):
     """bench/bench_recipe.py end to end at tiny budgets on one image set and one point set: data it makes itself,
-    teacher, distillation, the three samplers, the table."""
+    teacher, distillation, the three samplers (and a perfect teacher's, for points), the table."""
     r = _run('bench/bench_recipe.py', '--quick', '--sets', 'leaves,clusters', '--out', tmp_path / 'b', cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert 'leaves (pixel FD to clean' in r.stdout and 'clusters (FD (Fourier features) / W2' in r.stdout
@@ -1672,6 +1672,10 @@ def test_bench_recipe_smoke(tmp_path):
         (res,) = [json.load(open(os.path.join(d, 'result.json'))) for d in (tmp_path / 'b').glob(f'{name}-*distill*')]
         vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd')] + [res['latest'][key]]
         assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res
+    # a perfect teacher's Ambient-Truncated (the exact posterior mean) pulls the noisy points onto the clusters
+    perfect, noisy = res['best']['perfect'], res['best']['noisy']
+    assert perfect['support'] < 0.4 * noisy['support'] and perfect['fd'] < 0.5 * noisy['fd'], res
+    assert 'perfect teacher' in r.stdout
 
 
 def test_bench_gpu_cpu_smoke_mode(tmp_path):

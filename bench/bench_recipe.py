@@ -155,6 +155,14 @@ def distances(x, fresh, support):
     return dict(fd=fd)
 
 
+def posterior_mean(y, support):
+    """E[x0 | y] for y = x0 + sigma_n eps, with a dense clean sample as the law of x0 (points only). On the noisy
+    data this is what Ambient-Truncated would output with a perfect teacher: the best a sigma_n-denoiser can do."""
+    d2 = (y ** 2).sum(1)[:, None] + (support ** 2).sum(1)[None] - 2 * y @ support.T
+    w = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2 * SIGMA ** 2))
+    return (w @ support / w.sum(1, keepdims=True)).astype(np.float32)
+
+
 def samples(path, n, mode=None):
     net, ckpt = sample.load_net(path, 'cpu')
     return torch.cat([x for _, x in sample.generate(net, ckpt, list(range(n)), 100, 'cpu', mode)]).numpy()
@@ -204,7 +212,8 @@ def one(spec):
     if not os.path.isfile(cache):                   # the teacher's samplers and the noisy data, once per teacher
         noisy = pretrain.noisy_dataset(spec['data'], SIGMA)[0]            # the teacher's own noisy set (seed 0)
         noisy = noisy[np.random.default_rng(0).choice(len(noisy), min(len(fresh), len(noisy)), replace=False)]
-        json.dump(dict(noisy=distances(noisy, fresh, support),
+        perfect = dict(perfect=distances(posterior_mean(noisy, support), fresh, support)) if points else {}
+        json.dump(dict(noisy=distances(noisy, fresh, support), **perfect,
                        full=distances(samples(teacher, len(fresh), 'full'), fresh, support),
                        truncated=distances(samples(teacher, len(fresh), 'truncated'), fresh, support)), open(cache, 'w'))
     res = dict(set=spec['set'], teacher=spec['teacher'], distill=spec['distill'], teacher_s=t_time, distill_s=d_time,
@@ -233,6 +242,9 @@ def table(results):
                                                                                  'latest'))
             print(f'{" ".join(r["teacher"]) or "-":16s} {" ".join(r["distill"]) or "-":44s} {cells} '
                   f'{r["spread"]:6.2f} {r["teacher_s"] / 60:5.1f} {r["distill_s"] / 60:5.1f}')
+        if 'perfect' in rows[0]['best']:
+            print('Ambient-Truncated with a perfect teacher (E[x0 | y] on the noisy data): ' +
+                  ' / '.join(f'{rows[0]["best"]["perfect"][k]:.3f}' for k in keys))
 
 
 def main(argv=None):
