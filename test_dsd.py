@@ -1673,6 +1673,7 @@ def test_bench_recipe_smoke(tmp_path):
         vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd')] + [res['latest'][key]]
         assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res
     # a perfect teacher's Ambient-Truncated (the exact posterior mean) pulls the noisy points onto the clusters
+    (res,) = [json.load(open(d / 'result.json')) for d in (tmp_path / 'b').glob('clusters-*distill*')]
     perfect, noisy = res['best']['perfect'], res['best']['noisy']
     assert perfect['support'] < 0.4 * noisy['support'] and perfect['fd'] < 0.5 * noisy['fd'], res
     assert 'perfect teacher' in r.stdout
