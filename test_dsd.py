@@ -1663,12 +1663,23 @@ def test_under_torchrun_a_bad_input_is_reported_once(tmp_path):
 
 
 def test_bench_recipe_smoke(tmp_path):
-    """bench/bench_recipe.py end to end at tiny budgets on one image set and one point set: data it makes itself,
-    teacher, distillation, the three samplers (and a perfect teacher's, for points), the table."""
-    r = _run('bench/bench_recipe.py', '--quick', '--sets', 'leaves,clusters', '--out', tmp_path / 'b', cwd=tmp_path)
+    """bench/bench_recipe.py end to end at tiny budgets on two image sets and one point set: data it makes itself
+    (or crops from a photograph), teacher, distillation, the three samplers (and a perfect teacher's, for points),
+    the table."""
+    bad = _run('bench/bench_recipe.py', '--quick', '--sets', 'photo', cwd=tmp_path)
+    assert bad.returncode != 0 and '--photo None: the set photo needs existing image files' in bad.stderr
+    img = np.zeros((60, 90, 3), np.uint8)
+    img[:, :45, 0] = img[:, 45:, 2] = 255                      # a photograph: red left half, blue right half
+    Image.fromarray(img).save(tmp_path / 'p.png')
+    r = _run('bench/bench_recipe.py', '--quick', '--sets', 'leaves,photo,clusters', '--photo', tmp_path / 'p.png',
+             '--out', tmp_path / 'b', cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert 'leaves (pixel FD to clean' in r.stdout and 'clusters (FD (Fourier features) / W2' in r.stdout
-    for name, key in (('leaves', 'fd'), ('clusters', 'w2'), ('clusters', 'fd')):
+    patches = np.load(tmp_path / 'b' / 'photo.npy').astype(int)           # crops of the photograph, area-averaged
+    assert patches.shape == (300, 16, 16, 3) and patches[..., 1].max() == 0
+    assert (abs(patches[..., 0] + patches[..., 2] - 255) <= 1).all() and patches[..., 0].std() > 50
+    assert ((patches[..., 0] > 5) & (patches[..., 0] < 250)).any()       # the edge, averaged: not nearest-neighbour
+    for name, key in (('leaves', 'fd'), ('photo', 'fd'), ('clusters', 'w2'), ('clusters', 'fd')):
         (res,) = [json.load(open(os.path.join(d, 'result.json'))) for d in (tmp_path / 'b').glob(f'{name}-*distill*')]
         vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd')] + [res['latest'][key]]
         assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res

@@ -1,12 +1,14 @@
 """Choose the CPU recipes (presets `tiny` and `toy`) by measurement, on data sets no default was tuned on.
 
-For each data set this script makes (16x16 images: smooth, dead leaves, textured; 2-D points: curves, clusters, and
-the built-in toy) it trains a teacher (pretrain.py), distills it (distill.py) for each setting of a small grid, and
-prints one table per set: the Frechet distance in pixel space to fresh clean images (points: the W2 distance, exact
-matching, and the mean distance to the clean support) of the noisy data, Ambient-Full, Ambient-Truncated and DSD,
-the time of each stage, and the spread of Proximal FD over the last four snapshots (max |x - median| / median).
+For each data set this script makes (16x16 images: smooth, dead leaves, textured, and patches of photographs you
+pass with --photo; 2-D points: curves, clusters, and the built-in toy) it trains a teacher (pretrain.py), distills
+it (distill.py) for each setting of a small grid, and prints one table per set: the Frechet distance in pixel space
+to fresh clean images (points: the W2 distance, exact matching, and the mean distance to the clean support) of the
+noisy data, Ambient-Full, Ambient-Truncated and DSD, the time of each stage, and the spread of Proximal FD over the
+last four snapshots (max |x - median| / median).
 
-    python bench/bench_recipe.py                          # the default recipes on all six sets
+    python bench/bench_recipe.py                          # the default recipes on all six made sets
+    python bench/bench_recipe.py --sets photo --photo a.jpg,b.jpg   # ... on patches of your photographs
     python bench/bench_recipe.py --grid coarse --jobs 2   # the coarse grid (see GRIDS), 2 runs at a time
     python bench/bench_recipe.py --quick                  # seconds: a smoke test of the whole path
 
@@ -22,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -96,7 +99,27 @@ def clusters(n, seed):
     return centre + 0.03 * g.standard_normal((n, 2))
 
 
-SETS = dict(smooth=smooth, leaves=leaves, texture=texture, curves=curves, clusters=clusters, toy=pretrain.toy_points)
+def photo(n, seed, res=16):
+    """Patches of real photographs (--photo FILE[,FILE...]): square crops 1-4x larger than res (log-uniform, at
+    most the photograph's height), area-averaged down to res, half flipped left-right. Train and fresh sets are
+    different crops of the same photographs."""
+    g = np.random.default_rng(seed)
+    photos = [Image.open(f).convert('RGB') for f in PHOTO.split(',')]
+    if min(min(im.size) for im in photos) < res:
+        raise SystemExit(f'--photo {PHOTO}: each photograph must be at least {res}x{res} pixels')
+    out = np.empty((n, res, res, 3), np.float32)
+    for i in range(n):
+        im = photos[g.integers(len(photos))]
+        w = min(res * 2 ** g.uniform(0, 2), *im.size)
+        x, y = g.uniform(0, im.width - w), g.uniform(0, im.height - w)
+        out[i] = np.asarray(im.resize((res, res), Image.BOX, box=(x, y, x + w, y + w))) / 255
+    out = np.where(g.random(n)[:, None, None, None] < 0.5, out[:, :, ::-1], out)
+    return out.transpose(0, 3, 1, 2)
+
+
+PHOTO = None   # --photo
+SETS = dict(smooth=smooth, leaves=leaves, texture=texture, photo=photo, curves=curves, clusters=clusters,
+            toy=pretrain.toy_points)
 POINTS = ('curves', 'clusters', 'toy')
 
 
@@ -122,6 +145,7 @@ NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', 
 TINY = dict(NEW, **{'--sigma-init': '1.0'})                                              # today's default, at 32 kimg
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = {'--kimg': '1000'}, {'--kimg': '3000'}                         # toy teachers: the old default, today's
+TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})   # today's toy
 GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same after the defaults move ('' = a switch)
     'defaults': [({}, {})],
     'coarse': [({}, dict(OLD, **{'--ema-rampup': '0.05'})), ({}, dict(OLD, **{'--ema-rampup': '0.25'})),
@@ -139,7 +163,9 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
                (T3000, dict(TOY, **{'--kimg': '1024'})), (T3000, dict(TOY, **{'--lr': '3e-4', '--glr': '3e-4'}))],
     'points-long': [(T3000, dict(TOY, **{'--kimg': '2048'})),
                     (T3000, dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25'})),
-                    (T3000, dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'}))],
+                    (T3000, TOY_LONG)],
+    'points-sigma-init': [(T3000, dict(TOY_LONG, **{'--sigma-init': '1.0'})),
+                          (T3000, dict(TOY_LONG, **{'--sigma-init': '0.5'}))],
 }
 
 
@@ -194,7 +220,8 @@ def script(name, outdir, *args, threads=1):
 def one(spec):
     """One setting on one set: the teacher (shared by settings with the same teacher flags), distillation, the
     evaluation. Returns the result record (also left as result.json)."""
-    out, done = spec['dir'], os.path.join(spec['dir'], 'result.json')
+    global PHOTO
+    out, done, PHOTO = spec['dir'], os.path.join(spec['dir'], 'result.json'), spec['photo']
     torch.set_num_threads(spec['threads'])
     if os.path.isfile(done):
         return json.load(open(done))
@@ -249,13 +276,21 @@ def table(results):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--sets', default=','.join(SETS), help=f'comma-separated, from {", ".join(SETS)}')
+    p.add_argument('--sets', default=','.join(s for s in SETS if s != 'photo'),
+                   help=f'comma-separated, from {", ".join(SETS)}')
     p.add_argument('--grid', default='defaults', choices=list(GRIDS))
     p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
     p.add_argument('--n', type=int, default=20000, help='training set size')
     p.add_argument('--out', default=os.path.join('runs', 'bench-recipe'))
     p.add_argument('--quick', action='store_true', help='a smoke test: tiny sets and budgets')
+    p.add_argument('--photo', help='the photographs the set `photo` crops, comma-separated image files')
     a = p.parse_args(argv)
+    global PHOTO
+    PHOTO = a.photo
+    if set(a.sets.split(',')) - set(SETS):
+        raise SystemExit(f'--sets {a.sets}: choose from {", ".join(SETS)}')
+    if 'photo' in a.sets.split(',') and not (a.photo and all(map(os.path.isfile, a.photo.split(',')))):
+        raise SystemExit(f'--photo {a.photo}: the set photo needs existing image files (--photo a.jpg,b.png)')
     os.makedirs(a.out, exist_ok=True)
     quick_t = ['--kimg', '0.5', '--snap', '0.25', '--tick', '0.25'] if a.quick else []
     quick_d = ['--kimg', '0.128', '--snap', '0.032', '--tick', '0.032', '--fid-num', '100', '--batch', '32'] \
@@ -267,7 +302,7 @@ def main(argv=None):
             t = [x for k, v in teacher.items() for x in (k, v) if x] + quick_t     # '' marks a switch
             d = [x for k, v in dist.items() for x in (k, v) if x] + quick_d
             tag = lambda flags: '_'.join(f.strip('-') for f in flags) or 'default'
-            specs.append(dict(set=name, data=data, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2,
+            specs.append(dict(set=name, data=data, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2, photo=a.photo,
                               eval=200 if a.quick else 2000,
                               teacher_dir=os.path.join(a.out, f'{name}-teacher-{tag(t)}'),
                               dir=os.path.join(a.out, f'{name}-{tag(t)}-distill-{tag(d)}')))
