@@ -1609,7 +1609,7 @@ def test_every_script_answers_help_with_the_papers_names_and_dry_run(tmp_path, c
     distill.main(['--teacher', toy_teacher, '--data', 'toy', '--alpha', '1.0', '--dry-run'])
     cfg = json.loads(capsys.readouterr().out)
     assert cfg['config']['alpha'] == 1.0 and cfg['config']['method'] == 'sid' and cfg['config']['sigma_n'] == 0.2
-    assert cfg['config']['sigma_init'] == 2.5                        # SiD's on points; the tiny recipe's is 1.0
+    assert cfg['config']['sigma_init'] == 0.5                        # the toy recipe's; tiny's is 1.0, SiD's 2.5
     for flags, want in (([], 1.0), (['--sigma-init', '2.5'], 2.5)):
         distill.main(['--teacher', _tiny_ckpt(tmp_path / 'tiny.pt'), '--data', 'shapes', *flags, '--dry-run'])
         assert json.loads(capsys.readouterr().out)['config']['sigma_init'] == want
