@@ -780,7 +780,7 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
                           *args])
     run = [*_DIST, '--teacher', toy_teacher, '--fid-num', '0', '--snap', '0.064', '--outdir', str(tmp_path / 'r')]
     distill.main([*run, '--kimg', '0.064'])
-    with pytest.raises(SystemExit, match='that run used sigma_init=2.5'):     # G's input scale is part of G
+    with pytest.raises(SystemExit, match='that run used sigma_init=0.5'):     # G's input scale is part of G
         distill.main([*run, '--kimg', '0.128', '--sigma-init', '1.0', '--resume'])
 
 
@@ -889,7 +889,7 @@ def test_torchrun_two_processes_take_the_steps_of_one(tmp_path, stage, toy_teach
     if stage == 'pretrain':
         assert ca['config']['noisy_sha256'] == cb['config']['noisy_sha256']   # the same noisy set on all ranks
     else:
-        assert ca['kind'] == 'generator' and ca['sigma_init'] == 2.5 and ca['sigma_n'] == 0.2
+        assert (ca['kind'], ca['sigma_init'], ca['sigma_n']) == ('generator', distill.RECIPES['toy']['sigma_init'], 0.2)
         assert ca['teacher'] == torch.load(toy_teacher, weights_only=True)['net'] and ca['loss'] == 'ambient'
         assert os.path.isfile(tmp_path / 'one' / 'best.pt') and 'proximal_fd' in ca['metrics']
 
