@@ -889,7 +889,8 @@ def test_torchrun_two_processes_take_the_steps_of_one(tmp_path, stage, toy_teach
     if stage == 'pretrain':
         assert ca['config']['noisy_sha256'] == cb['config']['noisy_sha256']   # the same noisy set on all ranks
     else:
-        assert (ca['kind'], ca['sigma_init'], ca['sigma_n']) == ('generator', distill.RECIPES['toy']['sigma_init'], 0.2)
+        want = ('generator', distill.RECIPES['toy']['sigma_init'], 0.2)
+        assert (ca['kind'], ca['sigma_init'], ca['sigma_n']) == want
         assert ca['teacher'] == torch.load(toy_teacher, weights_only=True)['net'] and ca['loss'] == 'ambient'
         assert os.path.isfile(tmp_path / 'one' / 'best.pt') and 'proximal_fd' in ca['metrics']
 

@@ -104,7 +104,10 @@ def photo(n, seed, res=16):
     most the photograph's height), area-averaged down to res, half flipped left-right. Train and fresh sets are
     different crops of the same photographs."""
     g = np.random.default_rng(seed)
-    photos = [Image.open(f).convert('RGB') for f in PHOTO.split(',')]
+    try:
+        photos = [Image.open(f).convert('RGB') for f in PHOTO.split(',')]
+    except OSError as e:                                   # not an image, or unreadable
+        raise SystemExit(f'--photo {PHOTO}: {e}')
     if min(min(im.size) for im in photos) < res:
         raise SystemExit(f'--photo {PHOTO}: each photograph must be at least {res}x{res} pixels')
     out = np.empty((n, res, res, 3), np.float32)
@@ -286,17 +289,17 @@ def main(argv=None):
     p.add_argument('--photo', help='the photographs the set `photo` crops, comma-separated image files')
     a = p.parse_args(argv)
     global PHOTO
-    PHOTO = a.photo
-    if set(a.sets.split(',')) - set(SETS):
+    PHOTO, names = a.photo, a.sets.split(',')
+    if set(names) - set(SETS):
         raise SystemExit(f'--sets {a.sets}: choose from {", ".join(SETS)}')
-    if 'photo' in a.sets.split(',') and not (a.photo and all(map(os.path.isfile, a.photo.split(',')))):
+    if 'photo' in names and not (a.photo and all(map(os.path.isfile, a.photo.split(',')))):
         raise SystemExit(f'--photo {a.photo}: the set photo needs existing image files (--photo a.jpg,b.png)')
     os.makedirs(a.out, exist_ok=True)
     quick_t = ['--kimg', '0.5', '--snap', '0.25', '--tick', '0.25'] if a.quick else []
     quick_d = ['--kimg', '0.128', '--snap', '0.032', '--tick', '0.032', '--fid-num', '100', '--batch', '32'] \
         if a.quick else []   # batch 32: four snapshots on every preset
     specs = []
-    for name in a.sets.split(','):
+    for name in names:
         data, _ = write_set(name, a.out, 300 if a.quick else a.n)
         for teacher, dist in GRIDS[a.grid]:
             t = [x for k, v in teacher.items() for x in (k, v) if x] + quick_t     # '' marks a switch
