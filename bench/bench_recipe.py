@@ -126,17 +126,19 @@ SETS = dict(smooth=smooth, leaves=leaves, texture=texture, photo=photo, curves=c
 POINTS = ('curves', 'clusters', 'toy')
 
 
-def write_set(name, folder, n):
-    """The clean training set as the file pretrain.py reads (uint8 NHWC images, float points); the fresh clean
-    evaluation set (seed 1) in model units."""
-    path = os.path.join(folder, f'{name}.npy')
-    train, fresh = SETS[name](n, 0), SETS[name](2000, 1)
+def write_set(name, folder, n, n_fresh):
+    """The clean training set as the file pretrain.py reads (uint8 NHWC images, float points) and the fresh clean
+    evaluation set (seed 1) in model units, made once here for every run. Returns the two paths."""
+    path, fresh_path = (os.path.join(folder, f'{name}{end}.npy') for end in ('', '-fresh'))
+    train, fresh = SETS[name](n, 0), SETS[name](n_fresh, 1)
     if name in POINTS:
         np.save(path, train.astype(np.float32))
-        return path, fresh.astype(np.float32)
+        np.save(fresh_path, fresh.astype(np.float32))
+        return path, fresh_path
     to_u8 = lambda x: np.rint(x * 255).astype(np.uint8)
     np.save(path, to_u8(train).transpose(0, 2, 3, 1))
-    return path, to_u8(fresh).astype(np.float32) / 127.5 - 1
+    np.save(fresh_path, to_u8(fresh).astype(np.float32) / 127.5 - 1)
+    return path, fresh_path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +225,7 @@ def script(name, outdir, *args, threads=1):
 def one(spec):
     """One setting on one set: the teacher (shared by settings with the same teacher flags), distillation, the
     evaluation. Returns the result record (also left as result.json)."""
-    global PHOTO
-    out, done, PHOTO = spec['dir'], os.path.join(spec['dir'], 'result.json'), spec['photo']
+    out, done = spec['dir'], os.path.join(spec['dir'], 'result.json')
     torch.set_num_threads(spec['threads'])
     if os.path.isfile(done):
         return json.load(open(done))
@@ -234,8 +235,7 @@ def one(spec):
     d_time = script('distill.py', out, '--data', spec['data'], '--teacher', os.path.join(teacher_dir, 'latest.pt'),
                     '--device', 'cpu', *spec['distill'], threads=spec['threads'])
     points = spec['set'] in POINTS
-    fresh = SETS[spec['set']](spec['eval'], 1)
-    fresh = fresh.astype(np.float32) if points else np.rint(fresh * 255).astype(np.float32) / 127.5 - 1
+    fresh = np.load(spec['fresh'])
     support = SETS[spec['set']](20000, 2) if points else None
     t0, teacher = time.time(), os.path.join(teacher_dir, 'latest.pt')
     cache = os.path.join(teacher_dir, 'eval.json')
@@ -300,13 +300,12 @@ def main(argv=None):
         if a.quick else []   # batch 32: four snapshots on every preset
     specs = []
     for name in names:
-        data, _ = write_set(name, a.out, 300 if a.quick else a.n)
+        data, fresh = write_set(name, a.out, 300 if a.quick else a.n, 200 if a.quick else 2000)
         for teacher, dist in GRIDS[a.grid]:
             t = [x for k, v in teacher.items() for x in (k, v) if x] + quick_t     # '' marks a switch
             d = [x for k, v in dist.items() for x in (k, v) if x] + quick_d
             tag = lambda flags: '_'.join(f.strip('-') for f in flags) or 'default'
-            specs.append(dict(set=name, data=data, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2, photo=a.photo,
-                              eval=200 if a.quick else 2000,
+            specs.append(dict(set=name, data=data, fresh=fresh, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2,
                               teacher_dir=os.path.join(a.out, f'{name}-teacher-{tag(t)}'),
                               dir=os.path.join(a.out, f'{name}-{tag(t)}-distill-{tag(d)}')))
     # Teachers first (one run each), then the distillations, a.jobs at a time.
