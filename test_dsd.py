@@ -1666,14 +1666,14 @@ def test_under_torchrun_a_bad_input_is_reported_once(tmp_path):
 def test_bench_recipe_smoke(tmp_path):
     """bench/bench_recipe.py end to end at tiny budgets on two image sets and one point set: data it makes itself
     (or crops from a photograph), teacher, distillation, the three samplers (and a perfect teacher's, for points),
-    the table."""
+    the ceiling (--ceiling: the same teacher recipe on the clean set), the table."""
     bad = _run('bench/bench_recipe.py', '--quick', '--sets', 'photo', cwd=tmp_path)
     assert bad.returncode != 0 and '--photo None: the set photo needs existing image files' in bad.stderr
     img = np.zeros((60, 90, 3), np.uint8)
     img[:, :45, 0] = img[:, 45:, 2] = 255                      # a photograph: red left half, blue right half
     Image.fromarray(img).save(tmp_path / 'p.png')
     r = _run('bench/bench_recipe.py', '--quick', '--sets', 'leaves,photo,clusters', '--photo', tmp_path / 'p.png',
-             '--out', tmp_path / 'b', cwd=tmp_path)
+             '--out', tmp_path / 'b', '--ceiling', cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert 'leaves (pixel FD to clean' in r.stdout and 'clusters (FD (Fourier features) / W2' in r.stdout
     patches = np.load(tmp_path / 'b' / 'photo.npy').astype(int)           # crops of the photograph, area-averaged
@@ -1682,8 +1682,14 @@ def test_bench_recipe_smoke(tmp_path):
     assert ((patches[..., 0] > 5) & (patches[..., 0] < 250)).any()       # the edge, averaged: not nearest-neighbour
     for name, key in (('leaves', 'fd'), ('photo', 'fd'), ('clusters', 'w2'), ('clusters', 'fd')):
         (res,) = [json.load(open(os.path.join(d, 'result.json'))) for d in (tmp_path / 'b').glob(f'{name}-*distill*')]
-        vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd')] + [res['latest'][key]]
+        vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd', 'clean')] + [res['latest'][key]]
         assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res
+        # --ceiling: the same teacher recipe, trained on the clean set (sigma_n = 0)
+        teacher, clean = (torch.load(tmp_path / 'b' / f'{name}-teacher-kimg_0.5_snap_0.25_tick_0.25{end}' / 'latest.pt',
+                                     weights_only=True) for end in ('', '-clean'))
+        got = (teacher['sigma_n'], clean['sigma_n'], clean['kimg'])
+        assert got == (0.2, 0, teacher['kimg']), got
+    assert r.stdout.count('trained on the clean set: ') == 3
     # a perfect teacher's Ambient-Truncated (the exact posterior mean) pulls the noisy points onto the clusters
     (res,) = [json.load(open(d / 'result.json')) for d in (tmp_path / 'b').glob('clusters-*distill*')]
     perfect, noisy = res['best']['perfect'], res['best']['noisy']

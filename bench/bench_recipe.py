@@ -10,6 +10,7 @@ last four snapshots (max |x - median| / median).
     python bench/bench_recipe.py                          # the default recipes on all six made sets
     python bench/bench_recipe.py --sets photo --photo a.jpg,b.jpg   # ... on patches of your photographs
     python bench/bench_recipe.py --grid coarse --jobs 2   # the coarse grid (see GRIDS), 2 runs at a time
+    python bench/bench_recipe.py --ceiling                # ... and each teacher trained on the clean set, for scale
     python bench/bench_recipe.py --quick                  # seconds: a smoke test of the whole path
 
 Runs go under --out (default runs/bench-recipe); each finished run leaves result.json there, so a re-run skips it.
@@ -246,9 +247,18 @@ def one(spec):
         json.dump(dict(noisy=distances(noisy, fresh, support), **perfect,
                        full=distances(samples(teacher, len(fresh), 'full'), fresh, support),
                        truncated=distances(samples(teacher, len(fresh), 'truncated'), fresh, support)), open(cache, 'w'))
+    ceiling = {}
+    if spec['ceiling']:   # the same net, flags and budget trained on the CLEAN set: what the net can do with no noise
+        clean_dir, ceiling_file = teacher_dir + '-clean', os.path.join(teacher_dir + '-clean', 'eval.json')
+        script('pretrain.py', clean_dir, '--data', spec['data'], '--sigma', '0', '--device', 'cpu', *spec['teacher'],
+               threads=spec['threads'])
+        if not os.path.isfile(ceiling_file):
+            json.dump(distances(samples(os.path.join(clean_dir, 'latest.pt'), len(fresh)), fresh, support),
+                      open(ceiling_file, 'w'))
+        ceiling = dict(clean=json.load(open(ceiling_file)))
+    dsd = distances(samples(os.path.join(out, 'best.pt'), len(fresh)), fresh, support)
     res = dict(set=spec['set'], teacher=spec['teacher'], distill=spec['distill'], teacher_s=t_time, distill_s=d_time,
-               best=dict(json.load(open(cache)), dsd=distances(samples(os.path.join(out, 'best.pt'), len(fresh)),
-                                                              fresh, support)),
+               best=dict(json.load(open(cache)), **ceiling, dsd=dsd),
                latest=distances(samples(os.path.join(out, 'latest.pt'), len(fresh)), fresh, support),
                **spread(os.path.join(out, 'metrics.jsonl')))
     res['eval_s'] = time.time() - t0
@@ -272,6 +282,10 @@ def table(results):
                                                                                  'latest'))
             print(f'{" ".join(r["teacher"]) or "-":16s} {" ".join(r["distill"]) or "-":44s} {cells} '
                   f'{r["spread"]:6.2f} {r["teacher_s"] / 60:5.1f} {r["distill_s"] / 60:5.1f}')
+        ceilings = {' '.join(r['teacher']) or '-': r['best']['clean'] for r in rows if 'clean' in r['best']}
+        for flags, c in ceilings.items():
+            print(f'Ceiling, the teacher ({flags}) trained on the clean set: ' +
+                  ' / '.join(f'{c[k]:.3f}' for k in keys))
         if 'perfect' in rows[0]['best']:
             print('Ambient-Truncated with a perfect teacher (E[x0 | y] on the noisy data): ' +
                   ' / '.join(f'{rows[0]["best"]["perfect"][k]:.3f}' for k in keys))
@@ -287,6 +301,8 @@ def main(argv=None):
     p.add_argument('--out', default=os.path.join('runs', 'bench-recipe'))
     p.add_argument('--quick', action='store_true', help='a smoke test: tiny sets and budgets')
     p.add_argument('--photo', help='the photographs the set `photo` crops, comma-separated image files')
+    p.add_argument('--ceiling', action='store_true', help='also train each teacher on the clean set and score it '
+                   '(Heun to sigma = 0): is the noise or the net the limit?')
     a = p.parse_args(argv)
     global PHOTO
     PHOTO, names = a.photo, a.sets.split(',')
@@ -306,6 +322,7 @@ def main(argv=None):
             d = [x for k, v in dist.items() for x in (k, v) if x] + quick_d
             tag = lambda flags: '_'.join(f.strip('-') for f in flags) or 'default'
             specs.append(dict(set=name, data=data, fresh=fresh, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2,
+                              ceiling=a.ceiling,
                               teacher_dir=os.path.join(a.out, f'{name}-teacher-{tag(t)}'),
                               dir=os.path.join(a.out, f'{name}-{tag(t)}-distill-{tag(d)}')))
     # Teachers first (one run each), then the distillations, a.jobs at a time.
