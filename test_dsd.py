@@ -1672,8 +1672,11 @@ def test_bench_recipe_smoke(tmp_path):
     img = np.zeros((60, 90, 3), np.uint8)
     img[:, :45, 0] = img[:, 45:, 2] = 255                      # a photograph: red left half, blue right half
     Image.fromarray(img).save(tmp_path / 'p.png')
-    r = _run('bench/bench_recipe.py', '--quick', '--sets', 'leaves,photo,clusters', '--photo', tmp_path / 'p.png',
-             '--out', tmp_path / 'b', '--ceiling', cwd=tmp_path)
+    args = ('bench/bench_recipe.py', '--quick', '--sets', 'leaves,photo,clusters', '--photo', tmp_path / 'p.png',
+            '--out', tmp_path / 'b')
+    r = _run(*args, cwd=tmp_path)
+    assert r.returncode == 0 and 'clean set' not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    r = _run(*args, '--ceiling', cwd=tmp_path)        # the finished runs are reused; the ceilings are added to them
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert 'leaves (pixel FD to clean' in r.stdout and 'clusters (FD (Fourier features) / W2' in r.stdout
     patches = np.load(tmp_path / 'b' / 'photo.npy').astype(int)           # crops of the photograph, area-averaged
