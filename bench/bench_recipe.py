@@ -223,6 +223,11 @@ def script(name, outdir, *args, threads=1):
     return seconds
 
 
+def references(spec):
+    """The fresh clean evaluation set and, for points, a dense clean sample of the support."""
+    return np.load(spec['fresh']), SETS[spec['set']](20000, 2) if spec['set'] in POINTS else None
+
+
 def ceiling(spec):
     """The same teacher flags and budget on the CLEAN set (sigma_n = 0), Heun to sigma = 0: what the net can do with
     no noise at all. Trained and scored once per teacher."""
@@ -231,8 +236,7 @@ def ceiling(spec):
            threads=spec['threads'])
     cache = os.path.join(clean_dir, 'eval.json')
     if not os.path.isfile(cache):
-        fresh = np.load(spec['fresh'])
-        support = SETS[spec['set']](20000, 2) if spec['set'] in POINTS else None
+        fresh, support = references(spec)
         json.dump(distances(samples(os.path.join(clean_dir, 'latest.pt'), len(fresh)), fresh, support),
                   open(cache, 'w'))
     return json.load(open(cache))
@@ -259,8 +263,7 @@ def evaluate(spec, done):
     d_time = script('distill.py', out, '--data', spec['data'], '--teacher', os.path.join(teacher_dir, 'latest.pt'),
                     '--device', 'cpu', *spec['distill'], threads=spec['threads'])
     points = spec['set'] in POINTS
-    fresh = np.load(spec['fresh'])
-    support = SETS[spec['set']](20000, 2) if points else None
+    fresh, support = references(spec)
     t0, teacher = time.time(), os.path.join(teacher_dir, 'latest.pt')
     cache = os.path.join(teacher_dir, 'eval.json')
     if not os.path.isfile(cache):                   # the teacher's samplers and the noisy data, once per teacher
