@@ -88,7 +88,7 @@ def generator_step(G, teacher, fake, z, eps_n, sigma, eps, c):
     x_g = one_step(G, z, c['sigma_init'])                                     # Alg. 1, line 10: with grad to theta
     # Alg. 1, line 11: the generator sees its samples through the data's corruption. Ambient loss:
     # x_g + sigma_n eps1 + sqrt(sigma^2 - sigma_n^2) eps2 ~ x_g + sigma eps; standard loss: y_g + sigma eps.
-    x_in = x_g if c['loss'] == 'ambient' else x_g + c['sigma_n'] * eps_n
+    x_in = x_g if c['loss'] != 'standard' else x_g + c['sigma_n'] * eps_n
     x_sigma = x_in + sigma.reshape(-1, *[1] * (x_in.ndim - 1)) * eps
     with torch.set_grad_enabled(c['method'] == 'sid' and torch.is_grad_enabled()):   # DMD/SDS: stop-gradient
         d_real = teacher(x_sigma, sigma)
@@ -119,8 +119,8 @@ def parse_args(argv=None):
     p.add_argument('--teacher', default=None, help='default runs/pretrain-<data>-sigma<sigma>/latest.pt')
     p.add_argument('--method', default='sid', help='sid (D-SiD, default) | dmd (D-DMD) | sds (D-SDS)')
     p.add_argument('--alpha', type=float, help='SiD\'s alpha (default: the recipe\'s, 1.2; AFHQ-v2 1.0)')
-    p.add_argument('--loss', default=None, choices=['ambient', 'standard'],
-                   help='ambient (Eq. 3, the paper\'s adjusted way) or standard (Eq. 1); default: the teacher\'s')
+    p.add_argument('--loss', default=None, choices=['ambient', 'ambient-x0', 'standard'],
+                   help="Eq. (3): ambient, ambient-x0 (reweighted); Eq. (1): standard. Default: the teacher's")
     p.add_argument('--force-loss', action='store_true', help='allow a --loss other than the teacher\'s')
     p.add_argument('--sigma-init', type=float, help='G(z) = D(sigma_init * z; sigma_init) (default: the recipe\'s)')
     p.add_argument('--tmax', type=float, default=800, help='SiD: generator noise levels t ~ U[0, tmax/1000]')

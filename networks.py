@@ -279,7 +279,8 @@ PRESETS = dict(
               train=dict(batch=64, lr=3e-4, kimg=120, warmup=2, ema=20, ema_rampup=0.05, augment=0.0)),
     toy=dict(net=dict(img_resolution=0, img_channels=2, model_channels=128, channel_mult=[1], num_blocks=3,
                       attn_resolutions=[], dropout=0.0, augment_dim=0, arch='mlp'),
-             train=dict(batch=512, lr=1e-3, kimg=3000, warmup=50, ema=50, ema_rampup=0.05, augment=0.0)),
+             train=dict(batch=512, lr=1e-3, kimg=3000, warmup=50, ema=50, ema_rampup=0.05, augment=0.0),
+             loss='ambient-x0'),   # Eq. (3) reweighted: README, "CPU recipes"
 )
 
 _NET_KEYS = ('img_resolution', 'img_channels', 'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
@@ -563,9 +564,8 @@ def convert_snapshot(path, sigma_n=None, sigma_init=None, kind=None):
     m = sid_name or edm_name
     ckpt = dict(format='dsd-1', kind=kind, net=net.config,
                 ema={k: v.detach().clone() for k, v in net.state_dict().items()},
-                sigma_n=float(sigma_n) if sigma_n is not None else 0.0,
+                sigma_n=float(sigma_n) if sigma_n is not None else 0.0, kimg=float(m.group(1)) if m else 0.0,
                 loss='ambient' if sigma_n is not None else 'standard', data=data or 'unknown',
-                kimg=float(m.group(1)) if m else 0.0,
                 converted=dict(source=name, snapshot_keys=sorted(map(str, snap)), guessed_kind=guessed,
                                from_flags=from_flags))
     if kind == 'generator':

@@ -142,8 +142,8 @@ def load_images(path, flag='--data'):
         except Exception as e:
             die(f'{flag} {path}: cannot read image {name} ({type(e).__name__})')
         if images[-1].shape != images[0].shape:
-            (h, w), (h0, w0) = images[-1].shape[:2], images[0].shape[:2]
-            die(f'{flag} {path}: {name} is {w}x{h} but {names[0]} is {w0}x{h0}; all images must have one size')
+            die(f'{flag} {path}: {name} is {images[-1].shape[1]}x{images[-1].shape[0]} but {names[0]} is '
+                f'{images[0].shape[1]}x{images[0].shape[0]}; all images must have one size')
     return np.stack(images)
 
 
@@ -261,23 +261,29 @@ def augment(y, p, g):
 # Algorithm 2's pieces. The fake net in distill.py trains with the same loss (Alg. 1, line 9).
 
 def sample_sigma(n, sigma_n, loss, g):
-    """Alg. 2, line 2: EDM's log-normal noise levels; the ambient loss clamps them to >= sigma_n."""
+    """Alg. 2, line 2: EDM's log-normal noise levels. Eq. (3) needs sigma >= sigma_n: 'ambient' clamps the draws (at
+    sigma_n the loss is zero), 'ambient-x0' draws from the log-normal above sigma_n (inverse CDF, float64)."""
+    if loss == 'ambient-x0' and sigma_n > 0:
+        lo = torch.special.ndtr(torch.tensor((math.log(sigma_n) - P_MEAN) / P_STD, dtype=torch.float64))
+        z = torch.special.ndtri(lo + (1 - lo) * torch.rand(n, generator=g, dtype=torch.float64))
+        return (z * P_STD + P_MEAN).exp().float().clamp(min=sigma_n)
     sigma = (torch.randn(n, generator=g) * P_STD + P_MEAN).exp()
-    return sigma.clamp(min=sigma_n) if loss == 'ambient' else sigma
+    return sigma if loss == 'standard' else sigma.clamp(min=sigma_n)
 
 
 def denoising_loss(net, y, sigma, eps, sigma_n, loss, augment_labels=None):
-    """Per-element weighted loss on noisy data y: Eq. (3) for loss='ambient', Eq. (1) for loss='standard'."""
+    """Per-element weighted loss on noisy data y: Eq. (3) for loss='ambient' or 'ambient-x0', Eq. (1) for 'standard'."""
     s = sigma.reshape(-1, *[1] * (y.ndim - 1))
     weight = (s ** 2 + 0.25) / (s * 0.5) ** 2                          # lambda(sigma), sigma_data = 0.5
-    if loss == 'ambient':
-        x_t = y + (s ** 2 - sigma_n ** 2).clamp(min=0).sqrt() * eps    # Alg. 2, line 3: x_t ~ x0 + sigma * eps
-        x0_hat = net(x_t, sigma, augment_labels)                       # D predicts E[x0 | x_t]
-        y_hat = (sigma_n ** 2 / s ** 2) * x_t + (1 - sigma_n ** 2 / s ** 2) * x0_hat   # Tweedie: E[y | x_t]
-    else:
+    if loss == 'standard':
         x_t = y + s * eps                                              # Alg. 2, line 3 (Eq. 1)
-        y_hat = net(x_t, sigma, augment_labels)                        # D predicts E[y | x_t]
-    return weight * (y_hat - y) ** 2                                   # Alg. 2, line 4: Eq. (3) / Eq. (1)
+        return weight * (net(x_t, sigma, augment_labels) - y) ** 2    # Alg. 2, line 4: Eq. (1), D predicts E[y | x_t]
+    x_t = y + (s ** 2 - sigma_n ** 2).clamp(min=0).sqrt() * eps        # Alg. 2, line 3: x_t ~ x0 + sigma * eps
+    x0_hat = net(x_t, sigma, augment_labels)                           # D predicts E[x0 | x_t]
+    y_hat = (sigma_n ** 2 / s ** 2) * x_t + (1 - sigma_n ** 2 / s ** 2) * x0_hat   # Tweedie: E[y | x_t]
+    if loss == 'ambient-x0':   # y_hat - y carries D's error times (1 - sigma_n^2/sigma^2): weigh D's error by lambda
+        weight = weight / (1 - sigma_n ** 2 / s ** 2).clamp(min=0.2) ** 2      # (at most 25x, near sigma_n)
+    return weight * (y_hat - y) ** 2                                   # Alg. 2, line 4: Eq. (3)
 
 
 def ema_beta(batch, nimg, halflife_kimg, rampup):
@@ -374,9 +380,8 @@ def on_device(net, device):
 
 
 def memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
 
 
 def log_tick(outdir, sums, step, total_steps, batch, tick_start, run_start, device, rank, world):
@@ -413,8 +418,7 @@ def resume_checkpoint(resume, outdir, kind, net_config, cfg, keys):
         die(f'--resume: {path} does not exist; run without --resume to start, or give the latest.pt to resume')
     ck = load_checkpoint(path)
     if ck.get('kind') != kind or 'state' not in ck:
-        die(f'--resume {path}: not a {"pretraining" if kind == "teacher" else "distillation"} checkpoint with '
-            f'training state')
+        die(f'--resume {path}: not a {kind} checkpoint with training state (from the same stage)')
     if ck['net'] != net_config:
         diff = sorted(k for k in set(ck['net']) | set(net_config) if ck['net'].get(k) != net_config.get(k))
         die(f'--resume {path}: that run has another architecture (differs in {", ".join(diff)}); use its flags '
@@ -475,8 +479,7 @@ def estimate_sigma(x, seed=0, n_patches=100_000):
     if x.ndim != 4 or not np.isfinite(x).all():
         die(f'--sigma auto estimates the noise of images (N, C, H, W); got data of shape {x.shape}. Give the noise '
             f'level of points with --sigma S')
-    rng = np.random.default_rng(seed)
-    n, c, h, w = x.shape
+    rng, (n, c, h, w) = np.random.default_rng(seed), x.shape
     p = 8 if min(h, w) >= 32 else 6 if min(h, w) >= 12 else 4                  # even patch side
     while p > 4 and n * (h - p + 1) * (w - p + 1) < 200 * 3 * c * (p // 2) ** 2:
         p -= 2                                                                  # >= 200 patches per dimension
@@ -530,9 +533,9 @@ def parse_args(argv=None):
     p.add_argument('--sigma', default='0.2', help='sigma_n, the noise level of the data; "auto" estimates it (images)')
     p.add_argument('--already-noisy', action='store_true', help='the data is noisy as given: add no noise')
     p.add_argument('--estimate-sigma', action='store_true', help='print an estimate of sigma_n (images) and exit')
-    p.add_argument('--loss', default='ambient', choices=['ambient', 'standard'],
+    p.add_argument('--loss', choices=['ambient', 'ambient-x0', 'standard'],
                    help='ambient = Eq. (3), learns the clean score above sigma_n (the paper\'s adjusted way); '
-                        'standard = Eq. (1)')
+                        'ambient-x0 = Eq. (3) weighing D\'s own error by lambda (toy default); standard = Eq. (1)')
     p.add_argument('--preset', default=None, help='cifar10|ffhq64|afhq64|celebahq64|tiny|toy (default: by data)')
     p.add_argument('--kimg', type=float, help='training length in thousands of images')
     p.add_argument('--batch', type=int, help='total batch size')
@@ -569,15 +572,12 @@ def resolve(args):
     """Preset + explicit flags -> the configuration that runs. Returns (cfg, net_config, noisy data, info)."""
     check_ranges(args, dict(kimg='> 0', batch='> 0', batch_gpu='> 0', lr='> 0', warmup='>= 0', dropout='in [0, 1)',
                             augment='in [0, 1]', ema='> 0', ema_rampup='>= 0', tick='> 0', snap='> 0'))
-    if args.sigma == 'auto':
-        sigma = None
-    else:
-        try:
-            sigma = float(args.sigma)
-        except ValueError:
-            die(f'--sigma {args.sigma}: not a number; give sigma_n >= 0 (e.g. 0.2) or "auto"')
-        if not 0 <= sigma < math.inf:
-            die(f'--sigma {args.sigma}: the noise level must be >= 0 and finite (0 is plain EDM training)')
+    try:
+        sigma = None if args.sigma == 'auto' else float(args.sigma)
+    except ValueError:
+        die(f'--sigma {args.sigma}: not a number; give sigma_n >= 0 (e.g. 0.2) or "auto"')
+    if sigma is not None and not 0 <= sigma < math.inf:
+        die(f'--sigma {args.sigma}: the noise level must be >= 0 and finite (0 is plain EDM training)')
     if sigma is None and not args.already_noisy:
         die('--sigma auto estimates the noise of data that is already noisy; add --already-noisy')
     y, info = noisy_dataset(args.data, sigma, args.seed, args.data_dir, args.already_noisy)
@@ -602,8 +602,8 @@ def resolve(args):
     train.setdefault('snap', max(train['kimg'] / 10, train['tick']))
     if train['augment'] and info['kind'] == 'points':
         die('--augment applies to images; use --augment 0 for point data')
-    cfg = dict(data=args.data, sigma_n=sigma, loss=args.loss, preset=preset, seed=args.seed,
-               already_noisy=args.already_noisy, xflip=args.xflip, precision=args.precision, **train)
+    cfg = dict(data=args.data, sigma_n=sigma, loss=args.loss or PRESETS[preset].get('loss', 'ambient'), preset=preset,
+               seed=args.seed, already_noisy=args.already_noisy, xflip=args.xflip, precision=args.precision, **train)
     cfg['noisy_sha256'] = hashlib.sha256(y.tobytes()).hexdigest()[:16]     # the fixed noisy set's fingerprint
     if estimate is not None:
         cfg['sigma_estimate'] = estimate

@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.stats
 import torch
 from PIL import Image
 
@@ -700,12 +701,13 @@ def test_networks_snapshot_bad_files_refused(tmp_path):
 
 def test_ambient_loss_learns_clean_posterior_mean(tmp_path):
     """Gaussian data x0 ~ N(0, s0^2 I): E[x0|x_t] = s0^2/(s0^2+sigma^2) x_t, E[y|x_t] = (s0^2+sn^2)/(s0^2+sn^2+sigma^2) x_t.
-    A briefly trained toy denoiser must approach the first under Eq. (3) and the second under Eq. (1)."""
+    A briefly trained toy denoiser must approach the first under Eq. (3), reweighted ('ambient-x0': the weight
+    changes, the minimiser does not) or not, and the second under Eq. (1)."""
     s0, sn = 0.5, 0.5
     g = np.random.default_rng(0)
     np.save(tmp_path / 'gauss.npy', (g.normal(size=(20000, 2)) * s0).astype(np.float32))
     errs = {}
-    for loss in ('ambient', 'standard'):
+    for loss in ('ambient', 'ambient-x0', 'standard'):
         out = tmp_path / loss
         pretrain.main(['--data', str(tmp_path / 'gauss.npy'), '--sigma', str(sn), '--loss', loss, '--preset', 'toy',
                        '--kimg', '400', '--batch', '512', '--lr', '2e-3', '--warmup', '20', '--ema', '10',
@@ -720,10 +722,38 @@ def test_ambient_loss_learns_clean_posterior_mean(tmp_path):
             errs[loss, sigma] = ((d - clean).pow(2).mean().sqrt().item(), (d - noisy).pow(2).mean().sqrt().item())
     print(errs)
     for sigma in (0.6, 1.0, 2.0):
-        to_clean, to_noisy = errs['ambient', sigma]
-        assert to_clean < 0.35 * to_noisy, (sigma, errs)
+        for loss in ('ambient', 'ambient-x0'):
+            to_clean, to_noisy = errs[loss, sigma]
+            assert to_clean < 0.35 * to_noisy, (loss, sigma, errs)
         to_clean, to_noisy = errs['standard', sigma]
         assert to_noisy < 0.35 * to_clean, (sigma, errs)
+
+
+def test_ambient_x0_weighs_ds_own_error_by_lambda_and_draws_sigma_above_sigma_n():
+    """'ambient-x0' is Eq. (3) with D's own error weighted by lambda(sigma), capped at 25x near sigma_n: with x_t = y =
+    x0 (eps = 0) and D = x0 + delta the Tweedie residual is (1 - sn^2/sigma^2) delta, so Eq. (3) gives lambda
+    (1 - sn^2/sigma^2)^2 delta^2 and 'ambient-x0' lambda delta^2. Its noise levels are the log-normal above sigma_n
+    (none clamped to it; the median is the conditional one), where 'ambient' clamps 37% of them at sigma_n = 0.2."""
+    sn, delta = 0.2, 0.3
+    sigma = torch.tensor([0.21, 0.22, 0.25, 0.3, 0.5, 1.0, 3.0])
+    y = torch.zeros(len(sigma), 2)
+    net = lambda x, s, labels: x + delta
+    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    shrink = 1 - sn ** 2 / sigma ** 2
+    for loss, want in (('ambient', lam * shrink ** 2 * delta ** 2),
+                       ('ambient-x0', lam * delta ** 2 * torch.where(shrink < 0.2, 25 * shrink ** 2, 1))):
+        got = pretrain.denoising_loss(net, y, sigma, torch.zeros_like(y), sn, loss)[:, 0]
+        assert torch.allclose(got, want, rtol=1e-5), (loss, got, want)
+    draws = {loss: pretrain.sample_sigma(100000, sn, loss, torch.Generator().manual_seed(0))
+             for loss in ('ambient', 'ambient-x0', 'standard')}
+    assert (draws['standard'] < sn).float().mean() == pytest.approx(0.367, abs=0.01)
+    assert (draws['ambient'] == sn).float().mean() == pytest.approx(0.367, abs=0.01)
+    x0 = draws['ambient-x0']
+    assert x0.dtype == torch.float32 and x0.isfinite().all() and (x0 > sn).all()
+    lo = 0.5 * math.erfc((pretrain.P_MEAN - math.log(sn)) / (pretrain.P_STD * math.sqrt(2)))
+    median = math.exp(pretrain.P_MEAN + pretrain.P_STD * scipy.stats.norm.ppf((1 + lo) / 2))
+    assert x0.median().item() == pytest.approx(median, rel=0.01)
+    assert pretrain.sample_sigma(10, 0.0, 'ambient-x0', torch.Generator()).min() > 0     # sigma_n = 0: plain EDM
 
 
 _TOY = ['--data', 'toy', '--sigma', '0.2', '--batch', '64', '--lr', '2e-3', '--warmup', '0.2', '--ema', '0.5',
@@ -788,11 +818,11 @@ def test_distill_every_method_and_loss_runs_through_main(tmp_path, toy_teacher):
     """Short runs of D-DMD, D-SDS and the standard loss (with a standard-loss teacher) through distill.main."""
     std = tmp_path / 'std'
     pretrain.main([*_TOY, '--kimg', '1', '--loss', 'standard', '--outdir', str(std)])
-    teacher = {'ambient': torch.load(toy_teacher, weights_only=True), 'standard': torch.load(std / 'latest.pt',
-                                                                                              weights_only=True)}
-    for method, loss in (('dmd', 'ambient'), ('sds', 'ambient'), ('sid', 'standard')):
+    teacher = {'ambient-x0': torch.load(toy_teacher, weights_only=True),        # the toy preset's loss
+               'standard': torch.load(std / 'latest.pt', weights_only=True)}
+    for method, loss in (('dmd', 'ambient-x0'), ('sds', 'ambient-x0'), ('sid', 'standard')):
         out = tmp_path / f'{method}-{loss}'
-        distill.main([*_DIST, '--teacher', toy_teacher if loss == 'ambient' else str(std / 'latest.pt'),
+        distill.main([*_DIST, '--teacher', toy_teacher if loss == 'ambient-x0' else str(std / 'latest.pt'),
                       '--method', method, '--kimg', '0.16', '--snap', '0.16', '--fid-num', '0', '--outdir', str(out)])
         ck = torch.load(out / 'latest.pt', weights_only=True)
         t = teacher[loss]['ema']
@@ -816,6 +846,25 @@ def test_fake_score_step_draws_from_an_eval_mode_generator(tmp_path, toy_teacher
     distill.main([*_DIST, '--teacher', toy_teacher, '--dropout', '0.2', '--kimg', '0.064', '--fid-num', '0',
                   '--outdir', str(tmp_path / 'o')])
     assert seen == [('fake', False, True), ('gen', True, False)] * 2
+
+
+def test_the_fake_net_trains_with_the_teachers_loss(tmp_path, toy_teacher, monkeypatch):
+    """Alg. 1, line 9: the fake net learns with the teacher's own loss, here the toy preset's 'ambient-x0' (its weight
+    and its noise levels above sigma_n), on the corrupted generator samples."""
+    drawn = []
+    monkeypatch.setattr(distill, 'sample_sigma', lambda n, sn, loss, g: drawn.append(loss) or
+                        pretrain.sample_sigma(n, sn, loss, g))
+    distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.064', '--fid-num', '0', '--outdir', str(tmp_path)])
+    assert drawn == ['ambient-x0'] * 2
+    torch.manual_seed(0)
+    net = networks.build_net(networks.PRESETS['toy']['net'])
+    z, eps_n, eps = (torch.randn(64, 2, generator=torch.Generator().manual_seed(k)) for k in range(3))
+    sigma, c = torch.full((64,), 0.25), dict(sigma_init=0.5, sigma_n=0.2, loss='ambient-x0')
+    got = distill.fake_score_step(net, net, z, eps_n, sigma, eps, None, None, c)
+    with torch.no_grad():
+        y_g = sample.one_step(net, z, 0.5) + 0.2 * eps_n
+        assert torch.allclose(got, pretrain.denoising_loss(net, y_g, sigma, eps, 0.2, 'ambient-x0'))
+        assert not torch.allclose(got, pretrain.denoising_loss(net, y_g, sigma, eps, 0.2, 'ambient'))
 
 
 def test_fake_score_step_augments_the_corrupted_samples_like_the_teacher():
@@ -891,7 +940,8 @@ def test_torchrun_two_processes_take_the_steps_of_one(tmp_path, stage, toy_teach
     else:
         want = ('generator', distill.RECIPES['toy']['sigma_init'], 0.2)
         assert (ca['kind'], ca['sigma_init'], ca['sigma_n']) == want
-        assert ca['teacher'] == torch.load(toy_teacher, weights_only=True)['net'] and ca['loss'] == 'ambient'
+        teacher = torch.load(toy_teacher, weights_only=True)
+        assert ca['teacher'] == teacher['net'] and ca['loss'] == teacher['loss'] == 'ambient-x0'   # the toy default
         assert os.path.isfile(tmp_path / 'one' / 'best.pt') and 'proximal_fd' in ca['metrics']
 
 

@@ -150,7 +150,7 @@ OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32', **S25}    # tiny distill
 NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', **S25}   # the study's first choice
 TINY = dict(NEW, **{'--sigma-init': '1.0'})                                              # today's default, at 32 kimg
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
-T1000, T3000 = {'--kimg': '1000'}, {'--kimg': '3000'}                         # toy teachers: the old default, today's
+T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
 TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})   # today's toy
 GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same after the defaults move ('' = a switch)
     'defaults': [({}, {})],
@@ -172,6 +172,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
                     (T3000, TOY_LONG)],
     'points-sigma-init': [(T3000, dict(TOY_LONG, **{'--sigma-init': '1.0'})),
                           (T3000, dict(TOY_LONG, **{'--sigma-init': '0.5'}))],
+    'x0': [({'--loss': 'ambient-x0'}, dict(TINY, **{'--kimg': '128'}))],     # Eq. (3) reweighted, teacher and fake net
+    'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
 
