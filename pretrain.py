@@ -265,7 +265,7 @@ def sample_sigma(n, sigma_n, loss, g):
     sigma_n the loss is zero), 'ambient-x0' draws from the log-normal above sigma_n (inverse CDF, float64)."""
     if loss == 'ambient-x0' and sigma_n > 0:
         lo = torch.special.ndtr(torch.tensor((math.log(sigma_n) - P_MEAN) / P_STD, dtype=torch.float64))
-        z = torch.special.ndtri(lo + (1 - lo) * torch.rand(n, generator=g, dtype=torch.float64))
+        z = torch.special.ndtri(lo + (1 - lo) * torch.rand(n, generator=g, dtype=torch.float64)).clamp(max=8)
         return (z * P_STD + P_MEAN).exp().float().clamp(min=sigma_n)
     sigma = (torch.randn(n, generator=g) * P_STD + P_MEAN).exp()
     return sigma if loss == 'standard' else sigma.clamp(min=sigma_n)

@@ -754,6 +754,7 @@ def test_ambient_x0_weighs_ds_own_error_by_lambda_and_draws_sigma_above_sigma_n(
     median = math.exp(pretrain.P_MEAN + pretrain.P_STD * scipy.stats.norm.ppf((1 + lo) / 2))
     assert x0.median().item() == pytest.approx(median, rel=0.01)
     assert pretrain.sample_sigma(10, 0.0, 'ambient-x0', torch.Generator()).min() > 0     # sigma_n = 0: plain EDM
+    assert pretrain.sample_sigma(10, 1e6, 'ambient-x0', torch.Generator()).isfinite().all()   # no inf at the tail
 
 
 _TOY = ['--data', 'toy', '--sigma', '0.2', '--batch', '64', '--lr', '2e-3', '--warmup', '0.2', '--ema', '0.5',
