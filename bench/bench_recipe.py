@@ -175,6 +175,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'x0': [({'--loss': 'ambient-x0'}, dict(TINY, **{'--kimg': '128'}))],     # Eq. (3) reweighted, teacher and fake net
     'seeds': [({'--loss': loss, '--seed': s}, dict(TINY, **{'--kimg': '128', '--seed': s}))   # seeds 1, 2 of the
               for loss in ('ambient', 'ambient-x0') for s in '12'],                             # default and of x0
+    'fake-x0': [(t, dict(TINY, **{'--kimg': '128', '--loss': 'ambient-x0', '--force-loss': '', **d}))  # x0 for the
+                for t, d in (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))],  # fake net only
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
