@@ -149,6 +149,7 @@ S25 = {'--sigma-init': '2.5'}                               # SiD's, the tiny de
 OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32', **S25}    # tiny distillation before this study (ramp-up 0.05)
 NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', **S25}   # the study's first choice
 TINY = dict(NEW, **{'--sigma-init': '1.0'})                                              # today's default, at 32 kimg
+TINY128 = dict(TINY, **{'--kimg': '128'})                                                # today's default
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
 TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})   # today's toy
@@ -172,10 +173,10 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
                     (T3000, TOY_LONG)],
     'points-sigma-init': [(T3000, dict(TOY_LONG, **{'--sigma-init': '1.0'})),
                           (T3000, dict(TOY_LONG, **{'--sigma-init': '0.5'}))],
-    'x0': [({'--loss': 'ambient-x0'}, dict(TINY, **{'--kimg': '128'}))],     # Eq. (3) reweighted, teacher and fake net
-    'seeds': [({'--loss': loss, '--seed': s}, dict(TINY, **{'--kimg': '128', '--seed': s}))   # seeds 1, 2 of the
+    'x0': [({'--loss': 'ambient-x0'}, TINY128)],     # Eq. (3) reweighted, teacher and fake net
+    'seeds': [({'--loss': loss, '--seed': s}, dict(TINY128, **{'--seed': s}))   # seeds 1, 2 of the
               for loss in ('ambient', 'ambient-x0') for s in '12'],                             # default and of x0
-    'fake-x0': [(t, dict(TINY, **{'--kimg': '128', '--loss': 'ambient-x0', '--force-loss': '', **d}))  # x0 for the
+    'fake-x0': [(t, dict(TINY128, **{'--loss': 'ambient-x0', '--force-loss': '', **d}))  # x0 for the
                 for t, d in (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))],  # fake net only
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
