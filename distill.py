@@ -33,17 +33,18 @@ from sample import one_step, sample_shape
 # --dropout 0.05, --augment 0.15. celebahq64 has no SiD recipe; the authors' RSD code gives it FFHQ's
 # (TianyuCodings/RSD run_bash/distill.sh, operator/run_bash/celeba_train_sid.sh). In all, the fake net's Adam betas
 # are (0, 0.999) and init_sigma is 2.5 (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64).
-# dropout applies to the fake net and the generator, augment to the fake net's loss (None: the teacher's). tiny and
-# toy are CPU recipes, chosen by bench/bench_recipe.py on data sets they were not tuned on (README, "CPU recipes").
+# dropout: fake net and generator; augment: the fake net's loss (None: the teacher's); fake_sigma: the fake net's
+# Eq. (3) noise levels, clamped to sigma_n (authors') or drawn above it. tiny and toy are CPU recipes, chosen by
+# bench/bench_recipe.py on data sets they were not tuned on (README, "CPU recipes").
 _SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
-            fid_num=50000)
+            fid_num=50000, fake_sigma='clamp')
 RECIPES = {
     'cifar10': dict(_SID, batch=256, kimg=100000, dropout=0.13, augment=0.12, snap=2000),
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'afhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, lr=5e-6, glr=5e-6, alpha=1.0),
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=128, ema_rampup=0.25, tick=1, snap=4,
-                 fid_num=2000, dropout=None, augment=None),
+                 fid_num=2000, dropout=None, augment=None, fake_sigma='above'),
     'toy': dict(_SID, lr=5e-5, glr=5e-5, sigma_init=0.5, batch=256, kimg=2048, ema_rampup=0.25, tick=32, snap=128,
                 fid_num=2000, dropout=None, augment=None),
 }
@@ -73,8 +74,8 @@ def generator_loss(x, d_real, d_fake, method='sid', alpha=1.2):
 
 def fake_score_step(G, fake, z, eps_n, sigma, eps, choices, labels, c):
     """Alg. 1, lines 4-9, the fake-score step on one batch: f_psi learns the score of the generator's samples seen
-    through the data's corruption, with the teacher's own loss (and augmentation, when the teacher's recipe
-    augments: it only moves pixels, so the noise stays i.i.d.). Returns the per-element loss that psi minimises."""
+    through the data's corruption, with the teacher's own loss (noise levels: fake_sigma) and augmentation (when the
+    teacher's recipe augments: it only moves pixels, so the noise stays i.i.d.). Returns the per-element loss of psi."""
     with torch.no_grad():
         x_g = one_step(G, z, c['sigma_init'])                                # Alg. 1, lines 5-6: x_g = G(sigma_init z)
     y_g = x_g + c['sigma_n'] * eps_n                                          # Alg. 1, lines 7-8: corrupt like the data
@@ -122,18 +123,17 @@ def parse_args(argv=None):
     p.add_argument('--loss', default=None, choices=['ambient', 'ambient-x0', 'standard'],
                    help="Eq. (3): ambient, ambient-x0 (reweighted); Eq. (1): standard. Default: the teacher's")
     p.add_argument('--force-loss', action='store_true', help='allow a --loss other than the teacher\'s')
+    p.add_argument('--fake-sigma', choices=['clamp', 'above'], help='fake net\'s Eq. (3) sigma: clamped or above sigma_n')
     p.add_argument('--sigma-init', type=float, help='G(z) = D(sigma_init * z; sigma_init) (default: the recipe\'s)')
     p.add_argument('--tmax', type=float, default=800, help='SiD: generator noise levels t ~ U[0, tmax/1000]')
     p.add_argument('--sigma-min', type=float, default=0.002, help='smallest generator noise level')
-    p.add_argument('--gen-sigma-min', action='store_true',
-                   help='paper-literal variant: generator noise levels >= sigma_n (authors\' code: 0.002)')
+    p.add_argument('--gen-sigma-min', action='store_true', help='paper-literal: generator noise levels >= sigma_n')
     p.add_argument('--lr', type=float, help='fake-net Adam learning rate')
     p.add_argument('--glr', type=float, help='generator Adam learning rate')
     p.add_argument('--gbeta1', type=float, help='generator Adam beta1 (SiD: 0, FFHQ / CelebA-HQ 0.9)')
     p.add_argument('--dropout', type=float, help='dropout of the fake net and the generator (default: the '
                                                   'recipe\'s, else the teacher\'s)')
-    p.add_argument('--augment', type=float, help='augmentation probability in the fake net\'s loss (default: '
-                                                  'the teacher\'s)')
+    p.add_argument('--augment', type=float, help='fake net\'s augmentation probability (default: the teacher\'s)')
     p.add_argument('--batch', type=int, help='total batch size')
     p.add_argument('--batch-gpu', type=int, default=None, help='per-process batch; smaller accumulates')
     p.add_argument('--lsg', type=float, default=100.0, help='generator loss scale')
@@ -176,12 +176,14 @@ def resolve(args):
     if loss != teacher['loss'] and not args.force_loss:
         die(f'--loss {loss}: the teacher was trained with --loss {teacher["loss"]}; teacher, fake net and generator '
             f'must use the same loss (add --force-loss to override)')
+    if args.fake_sigma and loss != 'ambient':
+        die(f'--fake-sigma {args.fake_sigma}: only --loss ambient clamps sigma (this run\'s loss is {loss}); drop it')
     net = teacher['net']
     preset = teacher.get('config', {}).get('preset') or ('toy' if net.get('arch') == 'mlp' else 'tiny'
         if net['img_resolution'] <= 16 else 'cifar10' if net['img_resolution'] <= 32 else 'ffhq64')
     recipe = dict(RECIPES.get(preset, RECIPES['cifar10']))
     for k in ('lr', 'glr', 'gbeta1', 'alpha', 'sigma_init', 'dropout', 'augment', 'batch', 'kimg', 'ema', 'ema_rampup',
-              'tick', 'snap', 'fid_num'):
+              'tick', 'snap', 'fid_num', 'fake_sigma'):
         if getattr(args, k) is not None:
             recipe[k] = getattr(args, k)
     features = args.features if args.features != 'auto' else \
@@ -209,13 +211,11 @@ def main(argv=None):
         torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
     batch_gpu = split_batch(cfg['batch'], args.batch_gpu, world)
     if args.dry_run:
-        print0(json.dumps(dict(config=cfg, teacher_net=teacher_ckpt['net'], world=world, batch_gpu=batch_gpu),
-                          indent=2))
+        print0(json.dumps(dict(config=cfg, teacher_net=teacher_ckpt['net'], world=world, batch_gpu=batch_gpu), indent=2))
         return
     B, shape, method = cfg['batch'], sample_shape(teacher_ckpt['net']), cfg['method']
 
-    # Alg. 1, lines 1-2: the frozen teacher f_phi; G_theta and f_psi start as copies of its EMA weights (with the
-    # recipe's dropout).
+    # Alg. 1, lines 1-2: the frozen teacher f_phi; G_theta, f_psi start as copies of its EMA weights (recipe's dropout)
     teacher, G, fake = (build_net(dict(teacher_ckpt['net'], dropout=d)) for d in (0.0, cfg['dropout'], cfg['dropout']))
     for net in (teacher, G, fake):
         net.load_state_dict(teacher_ckpt['ema'])
@@ -256,7 +256,7 @@ def main(argv=None):
     while step < total:                                                        # Alg. 1, line 3: repeat
         g = step_generator(cfg['seed'], step)
         if method != 'sds':                    # Alg. 1, lines 4-9: fake-score step (D-SDS trains no fake net)
-            sigma = sample_sigma(B, cfg['sigma_n'], cfg['loss'], g)
+            sigma = sample_sigma(B, cfg['sigma_n'], cfg['loss'], g, cfg['fake_sigma'] == 'above')
             eps_n, eps, z = (torch.randn((B, *shape), generator=g) for _ in range(3))
             choices, labels = augment_choices(B, cfg['augment'], shape[-1], g) if cfg['augment'] else (None, None)
             G.eval()                                                           # as SiD: no dropout while G serves

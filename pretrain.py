@@ -260,10 +260,10 @@ def augment(y, p, g):
 # ----------------------------------------------------------------------------------------------
 # Algorithm 2's pieces. The fake net in distill.py trains with the same loss (Alg. 1, line 9).
 
-def sample_sigma(n, sigma_n, loss, g):
-    """Alg. 2, line 2: EDM's log-normal noise levels. Eq. (3) needs sigma >= sigma_n: 'ambient' clamps the draws (at
-    sigma_n the loss is zero), 'ambient-x0' draws from the log-normal above sigma_n (inverse CDF, float64)."""
-    if loss == 'ambient-x0' and sigma_n > 0:
+def sample_sigma(n, sigma_n, loss, g, above=False):
+    """Alg. 2, line 2: EDM's log-normal noise levels. Eq. (3) needs sigma >= sigma_n: 'ambient' clamps the draws (zero
+    loss at sigma_n), 'ambient-x0' (or above=True) draws from the log-normal above sigma_n (inverse CDF, float64)."""
+    if (loss == 'ambient-x0' or above and loss == 'ambient') and sigma_n > 0:
         lo = torch.special.ndtr(torch.tensor((math.log(sigma_n) - P_MEAN) / P_STD, dtype=torch.float64))
         z = torch.special.ndtri(lo + (1 - lo) * torch.rand(n, generator=g, dtype=torch.float64)).clamp(max=8)
         return (z * P_STD + P_MEAN).exp().float().clamp(min=sigma_n)

@@ -754,6 +754,9 @@ def test_ambient_x0_weighs_ds_own_error_by_lambda_and_draws_sigma_above_sigma_n(
     median = math.exp(pretrain.P_MEAN + pretrain.P_STD * scipy.stats.norm.ppf((1 + lo) / 2))
     assert x0.median().item() == pytest.approx(median, rel=0.01)
     assert pretrain.sample_sigma(10, 0.0, 'ambient-x0', torch.Generator()).min() > 0     # sigma_n = 0: plain EDM
+    above = {loss: pretrain.sample_sigma(100000, sn, loss, torch.Generator().manual_seed(0), above=True)
+             for loss in ('ambient', 'standard')}                     # the tiny recipe's fake net: 'ambient', above
+    assert torch.equal(above['ambient'], x0) and torch.equal(above['standard'], draws['standard'])
     assert pretrain.sample_sigma(10, 1e6, 'ambient-x0', torch.Generator()).isfinite().all()   # no inf at the tail
 
 
@@ -805,10 +808,11 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
                       (['--loss', 'standard'], 'force-loss'), (['--batch', '30', '--batch-gpu', '4'], 'not divisible'),
                       (['--lr', '-1'], '--lr -1.0: must be > 0'), (['--fid-num', '-5'], '--fid-num -5: must be >= 0'),
                       (['--gbeta1', '1'], r'--gbeta1 1.0: must be in \[0, 1\)'), (['--alpha', 'nan'], '--alpha nan'),
-                      (['--sigma-init', '0'], '--sigma-init 0.0: must be > 0')]:
+                      (['--sigma-init', '0'], '--sigma-init 0.0: must be > 0'),
+                      (['--fake-sigma', 'clamp'], "only --loss ambient clamps sigma .this run's loss is ambient-x0")]:
         with pytest.raises(SystemExit, match=msg):
-            distill.main(['--teacher', toy_teacher, '--data', 'toy', '--fid-num', '0', '--outdir', str(tmp_path / 'o'),
-                          *args])
+            distill.main(['--teacher', toy_teacher, '--data', 'toy', '--fid-num', '0', '--kimg', '0.064', '--outdir',
+                          str(tmp_path / 'o'), *args])
     run = [*_DIST, '--teacher', toy_teacher, '--fid-num', '0', '--snap', '0.064', '--outdir', str(tmp_path / 'r')]
     distill.main([*run, '--kimg', '0.064'])
     with pytest.raises(SystemExit, match='that run used sigma_init=0.5'):     # G's input scale is part of G
@@ -851,12 +855,19 @@ def test_fake_score_step_draws_from_an_eval_mode_generator(tmp_path, toy_teacher
 
 def test_the_fake_net_trains_with_the_teachers_loss(tmp_path, toy_teacher, monkeypatch):
     """Alg. 1, line 9: the fake net learns with the teacher's own loss, here the toy preset's 'ambient-x0' (its weight
-    and its noise levels above sigma_n), on the corrupted generator samples."""
+    and its noise levels above sigma_n), on the corrupted generator samples. The tiny recipe keeps a teacher's
+    'ambient' but draws the fake net's noise levels above sigma_n (fake_sigma 'above'); --fake-sigma clamp undoes it."""
     drawn = []
-    monkeypatch.setattr(distill, 'sample_sigma', lambda n, sn, loss, g: drawn.append(loss) or
-                        pretrain.sample_sigma(n, sn, loss, g))
+    monkeypatch.setattr(distill, 'sample_sigma', lambda n, sn, loss, g, above=False: drawn.append((loss, above)) or
+                        pretrain.sample_sigma(n, sn, loss, g, above))
     distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.064', '--fid-num', '0', '--outdir', str(tmp_path)])
-    assert drawn == ['ambient-x0'] * 2
+    assert drawn == [('ambient-x0', False)] * 2
+    tiny = _tiny_ckpt(tmp_path / 'tiny.pt')
+    for flags, above in (([], True), (['--fake-sigma', 'clamp'], False)):
+        drawn.clear()
+        distill.main(['--teacher', tiny, '--data', 'shapes', '--kimg', '0.064', '--fid-num', '0', *flags,
+                      '--outdir', str(tmp_path / f'tiny{above}')])
+        assert drawn == [('ambient', above)] * 2
     torch.manual_seed(0)
     net = networks.build_net(networks.PRESETS['toy']['net'])
     z, eps_n, eps = (torch.randn(64, 2, generator=torch.Generator().manual_seed(k)) for k in range(3))

@@ -307,7 +307,7 @@ def phase2_setup(a, dev, batch, compiled):
     augment = recipe['augment'] if recipe['augment'] is not None else networks.PRESETS[a.preset]['train']['augment']
     c = dict(sigma_init=2.5, sigma_n=SIGMA_N, loss='ambient', method='sid', alpha=recipe['alpha'], lsg=100.0,
              tmax=800, sigma_min=0.002, augment=augment if net_cfg['augment_dim'] else 0, seed=0, batch=batch,
-             ema=recipe['ema'], ema_rampup=0.05)
+             ema=recipe['ema'], ema_rampup=0.05, fake_sigma=recipe['fake_sigma'])
     torch.manual_seed(0)
     weights = networks.build_net(net_cfg).state_dict()
     teacher, G, fake = (networks.build_net(dict(net_cfg, dropout=d)) for d in (0.0, dropout, dropout))
@@ -329,7 +329,7 @@ def phase2_step_fn(a, dev):
 
         def step(i):
             g = pretrain.step_generator(c['seed'], i)
-            sigma = pretrain.sample_sigma(batch, c['sigma_n'], c['loss'], g)                  # Alg. 1, lines 4-9
+            sigma = pretrain.sample_sigma(batch, c['sigma_n'], c['loss'], g, c['fake_sigma'] == 'above')   # Alg. 1, 4-9
             eps_n, eps, z = (torch.randn((batch, *shape), generator=g) for _ in range(3))
             choices, labels = pretrain.augment_choices(batch, c['augment'], shape[-1], g) if c['augment'] else (None, None)
             G.eval()

@@ -146,10 +146,12 @@ def write_set(name, folder, n, n_fresh):
 # The grid. A setting is (teacher flags, distillation flags), on top of the preset's defaults.
 
 S25 = {'--sigma-init': '2.5'}                               # SiD's, the tiny default until the sigma-init grid
-OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32', **S25}    # tiny distillation before this study (ramp-up 0.05)
-NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', **S25}   # the study's first choice
-TINY = dict(NEW, **{'--sigma-init': '1.0'})                                              # today's default, at 32 kimg
-TINY128 = dict(TINY, **{'--kimg': '128'})                                                # today's default
+CLAMP = {'--fake-sigma': 'clamp'}      # the fake net's noise levels clamped to sigma_n: tiny's until --grid fake-sigma
+OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32', **S25, **CLAMP}   # tiny distillation before this study
+NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', **S25, **CLAMP}   # its first choice
+TINY = dict(NEW, **{'--sigma-init': '1.0'})                               # the default before fake-sigma, at 32 kimg
+TINY128 = dict(TINY, **{'--kimg': '128'})                              # the default before --grid fake-sigma
+SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
 TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})   # today's toy
@@ -176,8 +178,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'x0': [({'--loss': 'ambient-x0'}, TINY128)],     # Eq. (3) reweighted, teacher and fake net
     'seeds': [({'--loss': loss, '--seed': s}, dict(TINY128, **{'--seed': s}))   # seeds 1, 2 of the
               for loss in ('ambient', 'ambient-x0') for s in '12'],                             # default and of x0
-    'fake-x0': [(t, dict(TINY128, **{'--loss': 'ambient-x0', '--force-loss': '', **d}))  # x0 for the
-                for t, d in (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))],  # fake net only
+    'fake-x0': [(t, dict(TINY128, **{'--loss': 'ambient-x0', '--force-loss': '', **d})) for t, d in SEED01],
+    'fake-sigma': [(t, dict(TINY128, **{'--fake-sigma': 'above', **d})) for t, d in SEED01],   # today's default
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
