@@ -74,8 +74,8 @@ def generator_loss(x, d_real, d_fake, method='sid', alpha=1.2):
 
 def fake_score_step(G, fake, z, eps_n, sigma, eps, choices, labels, c):
     """Alg. 1, lines 4-9, the fake-score step on one batch: f_psi learns the score of the generator's samples seen
-    through the data's corruption, with the teacher's own loss (noise levels: fake_sigma) and augmentation (when the
-    teacher's recipe augments: it only moves pixels, so the noise stays i.i.d.). Returns the per-element loss of psi."""
+    through the data's corruption, with the teacher's loss (sigma drawn as fake_sigma says) and augmentation (when
+    the teacher's recipe augments: it only moves pixels, so the noise stays i.i.d.). Returns the per-element loss."""
     with torch.no_grad():
         x_g = one_step(G, z, c['sigma_init'])                                # Alg. 1, lines 5-6: x_g = G(sigma_init z)
     y_g = x_g + c['sigma_n'] * eps_n                                          # Alg. 1, lines 7-8: corrupt like the data
