@@ -329,7 +329,8 @@ def phase2_step_fn(a, dev):
 
         def step(i):
             g = pretrain.step_generator(c['seed'], i)
-            sigma = pretrain.sample_sigma(batch, c['sigma_n'], c['loss'], g, c['fake_sigma'] == 'above')   # Alg. 1, 4-9
+            sigma = pretrain.sample_sigma(batch, c['sigma_n'], c['loss'], g,                 # Alg. 1, lines 4-9
+                                          c['fake_sigma'] == 'above')
             eps_n, eps, z = (torch.randn((batch, *shape), generator=g) for _ in range(3))
             choices, labels = pretrain.augment_choices(batch, c['augment'], shape[-1], g) if c['augment'] else (None, None)
             G.eval()
