@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=4 distill.py --sigma 0.2      # after: torchrun ... pretrain.py --sigma 0.2
 
 Line numbers in `# Alg. 1, line K` follow README's listing of Algorithm 1 (lines 8 and 11 are the paper's
-"corrupt the generated samples" lines). Every iteration takes one fake-score step, then one generator step.
+"corrupt the generated samples" lines). Each iteration: --fake-steps fake-score steps (SiD: 1), one generator step.
 """
 import argparse
 import copy
@@ -37,7 +37,7 @@ from sample import one_step, sample_shape
 # Eq. (3) noise levels, clamped to sigma_n (authors') or drawn above it. tiny and toy are CPU recipes, chosen by
 # bench/bench_recipe.py on data sets they were not tuned on (README, "CPU recipes").
 _SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
-            fid_num=50000, fake_sigma='clamp')
+            fid_num=50000, fake_sigma='clamp', fake_steps=1)
 RECIPES = {
     'cifar10': dict(_SID, batch=256, kimg=100000, dropout=0.13, augment=0.12, snap=2000),
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
@@ -124,6 +124,7 @@ def parse_args(argv=None):
                    help="Eq. (3): ambient, ambient-x0 (reweighted); Eq. (1): standard. Default: the teacher's")
     p.add_argument('--force-loss', action='store_true', help='allow a --loss other than the teacher\'s')
     p.add_argument('--fake-sigma', choices=['clamp', 'above'], help='fake net\'s Eq. (3) sigma: clamped or above sigma_n')
+    p.add_argument('--fake-steps', type=int, help='fake-score steps per generator step (default: the recipe\'s, 1)')
     p.add_argument('--sigma-init', type=float, help='G(z) = D(sigma_init * z; sigma_init) (default: the recipe\'s)')
     p.add_argument('--tmax', type=float, default=800, help='SiD: generator noise levels t ~ U[0, tmax/1000]')
     p.add_argument('--sigma-min', type=float, default=0.002, help='smallest generator noise level')
@@ -162,16 +163,15 @@ def resolve(args):
         die(f'--method {args.method}: unknown; choose sid (D-SiD), dmd (D-DMD) or sds (D-SDS)')
     check_ranges(args, dict(sigma='>= 0', alpha='>= 0', sigma_init='> 0', tmax='> 0', sigma_min='> 0', lr='> 0',
                             glr='> 0', gbeta1='in [0, 1)', dropout='in [0, 1)', augment='in [0, 1]', batch='> 0',
-                            batch_gpu='> 0', lsg='> 0', ema='> 0', ema_rampup='>= 0', kimg='> 0', tick='> 0',
-                            snap='> 0', fid_num='>= 0'))
+                            batch_gpu='> 0', fake_steps='> 0', lsg='> 0', ema='> 0', ema_rampup='>= 0', kimg='> 0',
+                            tick='> 0', snap='> 0', fid_num='>= 0'))
     path = args.teacher or find_teacher(args.data, args.sigma)
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
         die(f'--teacher {path}: a {teacher.get("kind")} checkpoint; distillation needs a teacher from pretrain.py')
     sigma_n = teacher['sigma_n'] if args.sigma is None else args.sigma
     if args.sigma is not None and abs(args.sigma - teacher['sigma_n']) > 1e-9:
-        print0(f'warning: --sigma {args.sigma:g} differs from the teacher\'s sigma_n {teacher["sigma_n"]:g} '
-               '(a mis-specified noise level, as in the paper\'s study)')
+        print0(f'warning: --sigma {args.sigma:g} is not the teacher\'s sigma_n {teacher["sigma_n"]:g} (mis-specified)')
     loss = args.loss or teacher['loss']
     if loss != teacher['loss'] and not args.force_loss:
         die(f'--loss {loss}: the teacher was trained with --loss {teacher["loss"]}; teacher, fake net and generator '
@@ -183,7 +183,7 @@ def resolve(args):
         if net['img_resolution'] <= 16 else 'cifar10' if net['img_resolution'] <= 32 else 'ffhq64')
     recipe = dict(RECIPES.get(preset, RECIPES['cifar10']))
     for k in ('lr', 'glr', 'gbeta1', 'alpha', 'sigma_init', 'dropout', 'augment', 'batch', 'kimg', 'ema', 'ema_rampup',
-              'tick', 'snap', 'fid_num', 'fake_sigma'):
+              'tick', 'snap', 'fid_num', 'fake_sigma', 'fake_steps'):
         if getattr(args, k) is not None:
             recipe[k] = getattr(args, k)
     features = args.features if args.features != 'auto' else \
@@ -255,16 +255,16 @@ def main(argv=None):
     sums = dict(loss_fake=0.0, loss_gen=0.0, images=0, nonfinite=0)
     while step < total:                                                        # Alg. 1, line 3: repeat
         g = step_generator(cfg['seed'], step)
-        if method != 'sds':                    # Alg. 1, lines 4-9: fake-score step (D-SDS trains no fake net)
+        for k in range(cfg['fake_steps'] if method != 'sds' else 0):   # Alg. 1, lines 4-9 (D-SDS: no fake net)
             sigma = sample_sigma(B, cfg['sigma_n'], cfg['loss'], g, cfg['fake_sigma'] == 'above')
             eps_n, eps, z = (torch.randn((B, *shape), generator=g) for _ in range(3))
             choices, labels = augment_choices(B, cfg['augment'], shape[-1], g) if cfg['augment'] else (None, None)
             G.eval()                                                           # as SiD: no dropout while G serves
             fake.train().requires_grad_(True)
             out = optimize(opt_f, fake, fake_ddp, lambda *b: fake_score_step(G_fwd, fake_fwd, *b, cfg),
-                           (z, eps_n, sigma, eps, choices, labels), (cfg['seed'], step, 1), rank, world, batch_gpu,
-                           device, dtype)
-            sums['loss_fake'] += out[0]
+                           (z, eps_n, sigma, eps, choices, labels), (cfg['seed'], step, 1 + 2 * k), rank, world,
+                           batch_gpu, device, dtype)
+            sums['loss_fake'] += out[0] / cfg['fake_steps']
         sigma = sid_sigmas(B, g, cfg['tmax'], cfg['sigma_min'])                # Alg. 1, lines 10-12: generator step
         z, eps_n, eps = (torch.randn((B, *shape), generator=g) for _ in range(3))
         G.train()

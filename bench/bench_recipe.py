@@ -151,6 +151,7 @@ OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32', **S25, **CLAMP}   # tiny
 NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', **S25, **CLAMP}   # its first choice
 TINY = dict(NEW, **{'--sigma-init': '1.0'})                               # the default before fake-sigma, at 32 kimg
 TINY128 = dict(TINY, **{'--kimg': '128'})                              # the default before --grid fake-sigma
+FS128 = dict(TINY128, **{'--fake-sigma': 'above'})                    # today's tiny default, written out
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
@@ -179,7 +180,9 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'seeds': [({'--loss': loss, '--seed': s}, dict(TINY128, **{'--seed': s}))   # seeds 1, 2 of the
               for loss in ('ambient', 'ambient-x0') for s in '12'],                             # default and of x0
     'fake-x0': [(t, dict(TINY128, **{'--loss': 'ambient-x0', '--force-loss': '', **d})) for t, d in SEED01],
-    'fake-sigma': [(t, dict(TINY128, **{'--fake-sigma': 'above', **d})) for t, d in SEED01],   # today's default
+    'fake-sigma': [(t, dict(FS128, **d)) for t, d in SEED01],   # today's default, seeds 0 and 1
+    'after-fake-sigma': [({}, dict(FS128, **d)) for d in ({'--fake-steps': '2'}, {}, {'--gen-sigma-min': ''},
+                                                          {'--lr': '1e-3'})],   # knobs revisited on today's default
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
@@ -251,9 +254,17 @@ def ceiling(spec):
     return json.load(open(cache))
 
 
+def train_teacher(spec):
+    """The teacher of a setting, shared by the settings with the same teacher flags. Returns its seconds."""
+    return script('pretrain.py', spec['teacher_dir'], '--data', spec['data'], '--sigma', str(SIGMA), '--device', 'cpu',
+                  *spec['teacher'], threads=spec['threads'])
+
+
 def one(spec):
     """One setting on one set, run once (result.json); with --ceiling the ceiling is added, also to finished runs."""
     torch.set_num_threads(spec['threads'])
+    if spec.get('teacher_only'):
+        return train_teacher(spec)
     done = os.path.join(spec['dir'], 'result.json')
     if not os.path.isfile(done):
         evaluate(spec, done)
@@ -267,8 +278,7 @@ def one(spec):
 def evaluate(spec, done):
     """The teacher (shared by settings with the same teacher flags), distillation, the evaluation -> done."""
     out, teacher_dir = spec['dir'], spec['teacher_dir']
-    t_time = script('pretrain.py', teacher_dir, '--data', spec['data'], '--sigma', str(SIGMA), '--device', 'cpu',
-                    *spec['teacher'], threads=spec['threads'])
+    t_time = train_teacher(spec)
     d_time = script('distill.py', out, '--data', spec['data'], '--teacher', os.path.join(teacher_dir, 'latest.pt'),
                     '--device', 'cpu', *spec['distill'], threads=spec['threads'])
     points = spec['set'] in POINTS
@@ -350,9 +360,9 @@ def main(argv=None):
                               ceiling=a.ceiling,
                               teacher_dir=os.path.join(a.out, f'{name}-teacher-{tag(t)}'),
                               dir=os.path.join(a.out, f'{name}-{tag(t)}-distill-{tag(d)}')))
-    # Teachers first (one run each), then the distillations, a.jobs at a time.
-    firsts = list({s['teacher_dir']: s for s in reversed(specs)}.values())[::-1]   # the first run of each teacher
-    for batch in (firsts, [s for s in specs if s not in firsts]):
+    # The teachers first (each once), then the distillations, a.jobs at a time.
+    teachers = list({s['teacher_dir']: dict(s, teacher_only=True) for s in specs}.values())
+    for batch in (teachers, specs):
         procs = []
         for s in batch:
             while sum(q.poll() is None for q in procs) >= a.jobs:
