@@ -809,6 +809,7 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
                       (['--lr', '-1'], '--lr -1.0: must be > 0'), (['--fid-num', '-5'], '--fid-num -5: must be >= 0'),
                       (['--gbeta1', '1'], r'--gbeta1 1.0: must be in \[0, 1\)'), (['--alpha', 'nan'], '--alpha nan'),
                       (['--sigma-init', '0'], '--sigma-init 0.0: must be > 0'),
+                      (['--fake-steps', '0'], '--fake-steps 0: must be > 0'),
                       (['--fake-sigma', 'clamp'], "only --loss ambient clamps sigma .this run's loss is ambient-x0")]:
         with pytest.raises(SystemExit, match=msg):
             distill.main(['--teacher', toy_teacher, '--data', 'toy', '--fid-num', '0', '--kimg', '0.064', '--outdir',
@@ -851,6 +852,27 @@ def test_fake_score_step_draws_from_an_eval_mode_generator(tmp_path, toy_teacher
     distill.main([*_DIST, '--teacher', toy_teacher, '--dropout', '0.2', '--kimg', '0.064', '--fid-num', '0',
                   '--outdir', str(tmp_path / 'o')])
     assert seen == [('fake', False, True), ('gen', True, False)] * 2
+
+
+def test_fake_steps_take_that_many_fake_score_steps_per_generator_step(tmp_path, toy_teacher, monkeypatch):
+    """--fake-steps K: each iteration takes K fake-score steps, each on fresh draws, then one generator step (the
+    fake net's Adam counts K steps per generator step); K = 1, the recipes' default, is SiD's one-to-one."""
+    seen = []
+    real_fake, real_gen = distill.fake_score_step, distill.generator_step
+    monkeypatch.setattr(distill, 'fake_score_step', lambda G, fake, z, *a: seen.append(('fake', z[0, 0].item())) or
+                        real_fake(G, fake, z, *a))
+    monkeypatch.setattr(distill, 'generator_step', lambda *a: seen.append(('gen',)) or real_gen(*a))
+    for k in (1, 3):
+        seen.clear()
+        out = tmp_path / f'k{k}'
+        distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.064', '--fid-num', '0', '--outdir', str(out),
+                      *(['--fake-steps', str(k)] if k > 1 else [])])
+        assert [s[0] for s in seen] == (['fake'] * k + ['gen']) * 2
+        assert len({s[1] for s in seen if s[0] == 'fake'}) == 2 * k               # fresh z for every fake step
+        ck = torch.load(out / 'latest.pt', weights_only=True)
+        assert ck['config']['fake_steps'] == k and ck['state']['step'] == 2
+        assert {int(v['step']) for v in ck['state']['opt_f']['state'].values()} == {2 * k}
+        assert {int(v['step']) for v in ck['state']['opt_g']['state'].values()} == {2}
 
 
 def test_the_fake_net_trains_with_the_teachers_loss(tmp_path, toy_teacher, monkeypatch):
