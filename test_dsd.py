@@ -1750,7 +1750,8 @@ def test_under_torchrun_a_bad_input_is_reported_once(tmp_path):
 def test_bench_recipe_smoke(tmp_path):
     """bench/bench_recipe.py end to end at tiny budgets on two image sets and one point set: data it makes itself
     (or crops from a photograph), teacher, distillation, the three samplers (and a perfect teacher's, for points),
-    the ceiling (--ceiling: the same teacher recipe on the clean set), the table."""
+    the floor (clean training images: nearer the fresh set than the noisy data), the ceiling (--ceiling: the same
+    teacher recipe on the clean set), the table."""
     bad = _run('bench/bench_recipe.py', '--quick', '--sets', 'photo', cwd=tmp_path)
     assert bad.returncode != 0 and '--photo None: the set photo needs existing image files' in bad.stderr
     img = np.zeros((60, 90, 3), np.uint8)
@@ -1769,8 +1770,10 @@ def test_bench_recipe_smoke(tmp_path):
     assert ((patches[..., 0] > 5) & (patches[..., 0] < 250)).any()       # the edge, averaged: not nearest-neighbour
     for name, key in (('leaves', 'fd'), ('photo', 'fd'), ('clusters', 'w2'), ('clusters', 'fd')):
         (res,) = [json.load(open(os.path.join(d, 'result.json'))) for d in (tmp_path / 'b').glob(f'{name}-*distill*')]
-        vals = [res['best'][k][key] for k in ('noisy', 'full', 'truncated', 'dsd', 'clean')] + [res['latest'][key]]
+        vals = [res['best'][k][key] for k in ('floor', 'noisy', 'full', 'truncated', 'dsd', 'clean')]
+        vals += [res['latest'][key]]
         assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res
+        assert res['best']['floor']['fd'] < res['best']['noisy']['fd'], res
         # --ceiling: the same teacher recipe, trained on the clean set (sigma_n = 0)
         teacher, clean = (torch.load(tmp_path / 'b' / f'{name}-teacher-kimg_0.5_snap_0.25_tick_0.25{end}' / 'latest.pt',
                                      weights_only=True) for end in ('', '-clean'))

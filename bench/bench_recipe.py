@@ -260,8 +260,27 @@ def train_teacher(spec):
                   *spec['teacher'], threads=spec['threads'])
 
 
+def floor(spec):
+    """The distance of 2,000 of the training set's clean images (the images the noisy set is made of) to the fresh
+    set: what a perfect model scores at this sample size. Scored once per teacher (its eval.json)."""
+    cache = os.path.join(spec['teacher_dir'], 'eval.json')
+    ev = json.load(open(cache))
+    if 'floor' not in ev:
+        fresh, support = references(spec)
+        clean = pretrain.load_data(spec['data'])[0]
+        ev['floor'] = distances(clean[pick(len(clean), len(fresh))], fresh, support)
+        json.dump(ev, open(cache, 'w'))
+    return ev['floor']
+
+
+def pick(n, k):
+    """The k training images (of n) that the noisy-data and clean-data rows score."""
+    return np.random.default_rng(0).choice(n, min(k, n), replace=False)
+
+
 def one(spec):
-    """One setting on one set, run once (result.json); with --ceiling the ceiling is added, also to finished runs."""
+    """One setting on one set, run once (result.json); the floor and (with --ceiling) the ceiling are added, also to
+    finished runs."""
     torch.set_num_threads(spec['threads'])
     if spec.get('teacher_only'):
         return train_teacher(spec)
@@ -269,6 +288,9 @@ def one(spec):
     if not os.path.isfile(done):
         evaluate(spec, done)
     res = json.load(open(done))
+    if 'floor' not in res['best']:
+        res['best']['floor'] = floor(spec)
+        json.dump(res, open(done, 'w'), indent=1)
     if spec['ceiling'] and 'clean' not in res['best']:
         res['best']['clean'] = ceiling(spec)
         json.dump(res, open(done, 'w'), indent=1)
@@ -287,7 +309,7 @@ def evaluate(spec, done):
     cache = os.path.join(teacher_dir, 'eval.json')
     if not os.path.isfile(cache):                   # the teacher's samplers and the noisy data, once per teacher
         noisy = pretrain.noisy_dataset(spec['data'], SIGMA)[0]            # the teacher's own noisy set (seed 0)
-        noisy = noisy[np.random.default_rng(0).choice(len(noisy), min(len(fresh), len(noisy)), replace=False)]
+        noisy = noisy[pick(len(noisy), len(fresh))]
         perfect = dict(perfect=distances(posterior_mean(noisy, support), fresh, support)) if points else {}
         json.dump(dict(noisy=distances(noisy, fresh, support), **perfect,
                        full=distances(samples(teacher, len(fresh), 'full'), fresh, support),
@@ -307,14 +329,15 @@ def table(results):
         keys = ('fd', 'w2', 'support') if name in POINTS else ('fd',)
         label = f'{fid.label_of("pixel", True)} / W2 / mean distance to the clean support' if name in POINTS else \
             'pixel FD to clean'
-        print(f'\n{name} ({label}; DSD is best.pt, then latest.pt; spread: max |x - median| / median of Proximal FD '
-              f'over the last 4 snapshots; minutes per stage)')
+        print(f'\n{name} ({label}; clean: 2,000 clean training images, the floor at this sample size; DSD is best.pt, '
+              f'then latest.pt; spread: max |x - median| / median of Proximal FD over the last 4 snapshots; minutes '
+              f'per stage)')
         print(f'{"teacher flags":16s} {"distill flags":44s} ' + ''.join(f'{c:>{8 * len(keys)}s}' for c in (
-              'noisy', 'full', 'trunc', 'DSD', 'latest')) + f' {"spread":>6s} {"t_min":>5s} {"d_min":>5s}')
+              'clean', 'noisy', 'full', 'trunc', 'DSD', 'latest')) + f' {"spread":>6s} {"t_min":>5s} {"d_min":>5s}')
         for r in rows:
             b = dict(r['best'], latest=r['latest'])
-            cells = ''.join(''.join(f'{b[c][k]:8.3f}' for k in keys) for c in ('noisy', 'full', 'truncated', 'dsd',
-                                                                                 'latest'))
+            cells = ''.join(''.join(f'{b[c][k]:8.3f}' for k in keys) for c in ('floor', 'noisy', 'full', 'truncated',
+                                                                                 'dsd', 'latest'))
             print(f'{" ".join(r["teacher"]) or "-":16s} {" ".join(r["distill"]) or "-":44s} {cells} '
                   f'{r["spread"]:6.2f} {r["teacher_s"] / 60:5.1f} {r["distill_s"] / 60:5.1f}')
         ceilings = {' '.join(r['teacher']) or '-': r['best']['clean'] for r in rows if 'clean' in r['best']}
