@@ -183,6 +183,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'fake-sigma': [(t, dict(FS128, **d)) for t, d in SEED01],   # today's default, seeds 0 and 1
     'after-fake-sigma': [({}, dict(FS128, **d)) for d in ({'--fake-steps': '2'}, {}, {'--gen-sigma-min': ''},
                                                           {'--lr': '1e-3'})],   # knobs revisited on today's default
+    'fake-steps': [({}, dict(FS128, **{'--fake-steps': '2'}))],   # two fake-score steps per generator step
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
