@@ -184,6 +184,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'after-fake-sigma': [({}, dict(FS128, **d)) for d in ({'--fake-steps': '2'}, {}, {'--gen-sigma-min': ''},
                                                           {'--lr': '1e-3'})],   # knobs revisited on today's default
     'fake-steps': [({}, dict(FS128, **{'--fake-steps': '2'}))],   # two fake-score steps per generator step
+    'generator-knobs': [({}, dict(FS128, **d)) for d in ({'--gbeta1': '0.9'}, {'--ema-rampup': '0.5'},
+                                                         {'--alpha': '1.0'})],   # the generator's, on today's default
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
