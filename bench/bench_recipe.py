@@ -151,7 +151,8 @@ OLD = {'--lr': '1e-4', '--glr': '1e-4', '--kimg': '32', **S25, **CLAMP}   # tiny
 NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', **S25, **CLAMP}   # its first choice
 TINY = dict(NEW, **{'--sigma-init': '1.0'})                               # the default before fake-sigma, at 32 kimg
 TINY128 = dict(TINY, **{'--kimg': '128'})                              # the default before --grid fake-sigma
-FS128 = dict(TINY128, **{'--fake-sigma': 'above'})                    # today's tiny default, written out
+FS128 = dict(TINY128, **{'--fake-sigma': 'above'})                   # the tiny default until --grid ema-rampup
+EMA128 = dict(FS128, **{'--ema-rampup': '0.5'})                        # today's tiny default, written out
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
@@ -180,12 +181,13 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'seeds': [({'--loss': loss, '--seed': s}, dict(TINY128, **{'--seed': s}))   # seeds 1, 2 of the
               for loss in ('ambient', 'ambient-x0') for s in '12'],                             # default and of x0
     'fake-x0': [(t, dict(TINY128, **{'--loss': 'ambient-x0', '--force-loss': '', **d})) for t, d in SEED01],
-    'fake-sigma': [(t, dict(FS128, **d)) for t, d in SEED01],   # today's default, seeds 0 and 1
+    'fake-sigma': [(t, dict(FS128, **d)) for t, d in SEED01],   # the fake net's sigma above sigma_n, seeds 0 and 1
     'after-fake-sigma': [({}, dict(FS128, **d)) for d in ({'--fake-steps': '2'}, {}, {'--gen-sigma-min': ''},
-                                                          {'--lr': '1e-3'})],   # knobs revisited on today's default
+                                                          {'--lr': '1e-3'})],   # knobs revisited on FS128
     'fake-steps': [({}, dict(FS128, **{'--fake-steps': '2'}))],   # two fake-score steps per generator step
     'generator-knobs': [({}, dict(FS128, **d)) for d in ({'--gbeta1': '0.9'}, {'--ema-rampup': '0.5'},
-                                                         {'--alpha': '1.0'})],   # the generator's, on today's default
+                                                         {'--alpha': '1.0'})],   # the generator's, on FS128
+    'ema-rampup': [(t, dict(EMA128, **d)) for t, d in SEED01],   # EMA half-life kimg / 2: today's default, seeds 0, 1
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
