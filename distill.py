@@ -43,8 +43,8 @@ RECIPES = {
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'afhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, lr=5e-6, glr=5e-6, alpha=1.0),
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
-    'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=128, ema_rampup=0.5, tick=1, snap=4,
-                 fid_num=2000, dropout=None, augment=None, fake_sigma='above'),
+    'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=88, ema_rampup=0.5, tick=1, snap=4,
+                 fid_num=2000, dropout=None, augment=None, fake_sigma='above', fake_steps=2),
     'toy': dict(_SID, lr=5e-5, glr=5e-5, sigma_init=0.5, batch=256, kimg=2048, ema_rampup=0.25, tick=32, snap=128,
                 fid_num=2000, dropout=None, augment=None),
 }
@@ -124,7 +124,7 @@ def parse_args(argv=None):
                    help="Eq. (3): ambient, ambient-x0 (reweighted); Eq. (1): standard. Default: the teacher's")
     p.add_argument('--force-loss', action='store_true', help='allow a --loss other than the teacher\'s')
     p.add_argument('--fake-sigma', choices=['clamp', 'above'], help='fake net\'s Eq. (3) sigma: clamped or above sigma_n')
-    p.add_argument('--fake-steps', type=int, help='fake-score steps per generator step (default: the recipe\'s, 1)')
+    p.add_argument('--fake-steps', type=int, help='fake-score steps per generator step (SiD: 1; tiny: 2)')
     p.add_argument('--sigma-init', type=float, help='G(z) = D(sigma_init * z; sigma_init) (default: the recipe\'s)')
     p.add_argument('--tmax', type=float, default=800, help='SiD: generator noise levels t ~ U[0, tmax/1000]')
     p.add_argument('--sigma-min', type=float, default=0.002, help='smallest generator noise level')

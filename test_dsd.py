@@ -889,7 +889,7 @@ def test_the_fake_net_trains_with_the_teachers_loss(tmp_path, toy_teacher, monke
         drawn.clear()
         distill.main(['--teacher', tiny, '--data', 'shapes', '--kimg', '0.064', '--fid-num', '0', *flags,
                       '--outdir', str(tmp_path / f'tiny{above}')])
-        assert drawn == [('ambient', above)] * 2
+        assert drawn == [('ambient', above)] * 4            # two steps of the tiny recipe's two fake-score steps
     torch.manual_seed(0)
     net = networks.build_net(networks.PRESETS['toy']['net'])
     z, eps_n, eps = (torch.randn(64, 2, generator=torch.Generator().manual_seed(k)) for k in range(3))
