@@ -152,8 +152,8 @@ NEW = {'--lr': '3e-4', '--glr': '5e-5', '--ema-rampup': '0.25', '--kimg': '32', 
 TINY = dict(NEW, **{'--sigma-init': '1.0'})                               # the default before fake-sigma, at 32 kimg
 TINY128 = dict(TINY, **{'--kimg': '128'})                              # the default before --grid fake-sigma
 FS128 = dict(TINY128, **{'--fake-sigma': 'above'})                   # the tiny default until --grid ema-rampup
-EMA128 = dict(FS128, **{'--ema-rampup': '0.5'})                        # today's tiny default, written out
-FS2_88 = dict(EMA128, **{'--kimg': '88', '--fake-steps': '2'})   # two fake-score steps a step, in EMA128's time
+EMA128 = dict(FS128, **{'--ema-rampup': '0.5'})                     # the tiny default until --grid fake-steps-88
+FS2_88 = dict(EMA128, **{'--kimg': '88', '--fake-steps': '2'})   # today's tiny default: K = 2 in EMA128's time
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
@@ -188,7 +188,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'fake-steps': [({}, dict(FS128, **{'--fake-steps': '2'}))],   # two fake-score steps per generator step
     'generator-knobs': [({}, dict(FS128, **d)) for d in ({'--gbeta1': '0.9'}, {'--ema-rampup': '0.5'},
                                                          {'--alpha': '1.0'})],   # the generator's, on FS128
-    'ema-rampup': [(t, dict(EMA128, **d)) for t, d in SEED01],   # EMA half-life kimg / 2: today's default, seeds 0, 1
+    'ema-rampup': [(t, dict(EMA128, **d)) for t, d in SEED01],   # EMA half-life kimg / 2: EMA128, seeds 0, 1
     'after-ema': [({}, FS2_88), ({}, dict(EMA128, **{'--ema-rampup': '1.0'}))],   # on EMA128: K = 2; a longer EMA
     'fake-steps-88': [(t, dict(FS2_88, **d)) for t, d in SEED01],   # K = 2 in EMA128's time, seeds 0 and 1
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
