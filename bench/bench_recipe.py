@@ -189,7 +189,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'generator-knobs': [({}, dict(FS128, **d)) for d in ({'--gbeta1': '0.9'}, {'--ema-rampup': '0.5'},
                                                          {'--alpha': '1.0'})],   # the generator's, on FS128
     'ema-rampup': [(t, dict(EMA128, **d)) for t, d in SEED01],   # EMA half-life kimg / 2: EMA128, seeds 0, 1
-    'after-ema': [({}, FS2_88), ({}, dict(EMA128, **{'--ema-rampup': '1.0'}))],   # on EMA128: K = 2; a longer EMA
+    'after-ema': [({}, FS2_88), ({}, dict(EMA128, **{'--ema-rampup': '1.0'})),   # on EMA128: K = 2; a longer EMA;
+                  ({}, dict(EMA128, **{'--kimg': '68', '--fake-steps': '3'}))],     # K = 3 in the same time
     'fake-steps-88': [(t, dict(FS2_88, **d)) for t, d in SEED01],   # K = 2 in EMA128's time, seeds 0 and 1
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
