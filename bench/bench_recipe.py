@@ -192,6 +192,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'after-ema': [({}, FS2_88), ({}, dict(EMA128, **{'--ema-rampup': '1.0'})),   # on EMA128: K = 2; a longer EMA;
                   ({}, dict(EMA128, **{'--kimg': '68', '--fake-steps': '3'}))],     # K = 3 in the same time
     'fake-steps-88': [(t, dict(FS2_88, **d)) for t, d in SEED01],   # K = 2 in EMA128's time, seeds 0 and 1
+    'seed-1': [(t, dict(FS2_88, **d)) for t, d in SEED01[1:]],   # fake-steps-88's seed-1 row alone (its cache)
     'seed-2': [({'--loss': 'ambient', '--seed': '2'}, dict(FS2_88, **{'--seed': '2'}))],   # a third teacher and run
     'gen-sigma-min-88': [({}, dict(FS2_88, **{'--gen-sigma-min': ''}))],   # smooth's drift: from sigma < sigma_n?
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
