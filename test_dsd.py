@@ -30,6 +30,7 @@ import fid
 import networks
 import pretrain
 import sample
+from bench import bench_spectrum
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -1785,6 +1786,30 @@ def test_bench_recipe_smoke(tmp_path):
     perfect, noisy = res['best']['perfect'], res['best']['noisy']
     assert perfect['support'] < 0.4 * noisy['support'] and perfect['fd'] < 0.5 * noisy['fd'], res
     assert 'perfect teacher' in r.stdout
+    # bench_spectrum.py reads the same runs: one row of finite numbers per checkpoint
+    (run,) = (tmp_path / 'b').glob('leaves-*distill*')
+    (teacher,) = (tmp_path / 'b').glob('leaves-teacher-*[0-9]')
+    r = _run('bench/bench_spectrum.py', '--fresh', tmp_path / 'b' / 'leaves-fresh.npy', run / 'best.pt',
+             f'{teacher / "latest.pt"}:truncated', cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [line.split()[1:] for line in r.stdout.splitlines()[1:]]
+    assert len(rows) == 2 and all(len(v) == 7 and all(math.isfinite(float(x)) for x in v) for v in rows), r.stdout
+
+
+def test_bench_spectrum_sees_blur_and_grain():
+    """bench_spectrum.describe: a set against itself is exact (FD 0, every ratio 1), a second draw of the same
+    distribution is near 1, a 2x2 box blur loses the finest band (periods 2-2.67 px) and grain adds to it."""
+    rng = np.random.default_rng(0)
+    clean, again = (np.clip(rng.normal(0, 0.4, (800, 3, 16, 16)), -1, 1) for _ in range(2))
+    same = bench_spectrum.describe(clean, clean)
+    assert abs(same['fd']) < 1e-6 and same['var'] == pytest.approx(1) and np.allclose(same['bands'], 1)
+    other = bench_spectrum.describe(again, clean)
+    assert np.allclose(other['bands'], 1, atol=0.05) and other['var'] == pytest.approx(1, abs=0.05), other
+    blur = (clean + np.roll(clean, 1, 2) + np.roll(clean, 1, 3) + np.roll(clean, 1, (2, 3))) / 4
+    grain = np.clip(clean + rng.normal(0, 0.2, clean.shape), -1, 1)
+    b, g = bench_spectrum.describe(blur, clean), bench_spectrum.describe(grain, clean)
+    assert b['bands'][-1] < 0.2 < b['bands'][0] and b['var'] < 0.5 and b['fd'] > other['fd'], b
+    assert g['bands'][-1] > 1.1 and g['var'] > 1.1, g
 
 
 def test_bench_gpu_cpu_smoke_mode(tmp_path):
