@@ -50,8 +50,8 @@ def main(argv=None):
     for spec in a.checkpoints:
         path, _, mode = spec.partition(':')
         net, ckpt = sample.load_net(path, 'cpu')
-        x = torch.cat([x for _, x in sample.generate(net, ckpt, list(range(len(clean))), 100, 'cpu', mode or None)])
-        r = describe(x.clamp(-1, 1).numpy(), clean)
+        batches = sample.generate(net, ckpt, list(range(len(clean))), 100, 'cpu', mode or None)
+        r = describe(torch.cat([x for _, x in batches]).clamp(-1, 1).numpy(), clean)
         print(f'{spec[-60:]:60s} {r["fd"]:5.2f} {r["mean"]:5.2f} {r["var"]:5.3f} ' +
               ' '.join(f'{b:5.3f}' for b in r['bands']), flush=True)
 
