@@ -1794,6 +1794,8 @@ def test_bench_recipe_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [line.split()[1:] for line in r.stdout.splitlines()[1:]]
     assert len(rows) == 2 and all(len(v) == 7 and all(math.isfinite(float(x)) for x in v) for v in rows), r.stdout
+    bad = _run('bench/bench_spectrum.py', '--fresh', tmp_path / 'none.npy', run / 'best.pt', cwd=tmp_path)
+    _one_line_error(bad, r'--fresh .*none\.npy: needs an existing \.npy of clean images \(N, 3, H, W\)')
 
 
 def test_bench_spectrum_sees_blur_and_grain():

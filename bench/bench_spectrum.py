@@ -43,7 +43,10 @@ def main(argv=None):
     p.add_argument('--fresh', required=True, help='clean images, (N, 3, H, W) in [-1, 1], e.g. SET-fresh.npy')
     p.add_argument('checkpoints', nargs='+', help='generator or teacher checkpoints; TEACHER:full|truncated')
     a = p.parse_args(argv)
-    clean = np.load(a.fresh)
+    clean = np.load(a.fresh) if os.path.isfile(a.fresh) else None
+    if clean is None or clean.ndim != 4 or clean.shape[1] != 3:
+        raise SystemExit(f'error: --fresh {a.fresh}: needs an existing .npy of clean images (N, 3, H, W), '
+                         f'e.g. SET-fresh.npy from bench_recipe.py')
     torch.set_num_threads(1)
     names = ' '.join(f'{lo:g}-{hi or "W"}px' for lo, hi in BANDS)
     print(f'{"checkpoint":60s}    FD  mean   var  band power ratios, periods {names}')
