@@ -34,17 +34,17 @@ from sample import one_step, sample_shape
 # (TianyuCodings/RSD run_bash/distill.sh, operator/run_bash/celeba_train_sid.sh). In all, the fake net's Adam betas
 # are (0, 0.999) and init_sigma is 2.5 (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64).
 # dropout: fake net and generator; augment: the fake net's loss (None: the teacher's); fake_sigma: the fake net's
-# Eq. (3) noise levels, clamped to sigma_n (authors') or drawn above it. tiny and toy are CPU recipes, chosen by
-# bench/bench_recipe.py on data sets they were not tuned on (README, "CPU recipes").
+# Eq. (3) noise levels, clamped to sigma_n (authors') or drawn above it; glr_end: glr's end, a fraction reached on a
+# cosine (SiD: 1, constant). tiny and toy are CPU recipes, chosen by bench/bench_recipe.py on data not tuned on.
 _SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
-            fid_num=50000, fake_sigma='clamp', fake_steps=1)
+            fid_num=50000, fake_sigma='clamp', fake_steps=1, glr_end=1.0)
 RECIPES = {
     'cifar10': dict(_SID, batch=256, kimg=100000, dropout=0.13, augment=0.12, snap=2000),
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'afhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, lr=5e-6, glr=5e-6, alpha=1.0),
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=88, ema_rampup=0.5, tick=1, snap=4,
-                 fid_num=2000, dropout=None, augment=None, fake_sigma='above', fake_steps=2),
+                 fid_num=2000, dropout=None, augment=None, fake_sigma='above', fake_steps=2, glr_end=0.0),
     'toy': dict(_SID, lr=5e-5, glr=5e-5, sigma_init=0.5, batch=256, kimg=2048, ema_rampup=0.25, tick=32, snap=128,
                 fid_num=2000, dropout=None, augment=None),
 }
@@ -131,6 +131,7 @@ def parse_args(argv=None):
     p.add_argument('--gen-sigma-min', action='store_true', help='paper-literal: generator noise levels >= sigma_n')
     p.add_argument('--lr', type=float, help='fake-net Adam learning rate')
     p.add_argument('--glr', type=float, help='generator Adam learning rate')
+    p.add_argument('--glr-end', type=float, help='not in the paper: glr falls on a cosine to this fraction of itself')
     p.add_argument('--gbeta1', type=float, help='generator Adam beta1 (SiD: 0, FFHQ / CelebA-HQ 0.9)')
     p.add_argument('--dropout', type=float, help='dropout of the fake net and the generator (default: the '
                                                   'recipe\'s, else the teacher\'s)')
@@ -162,9 +163,9 @@ def resolve(args):
     if args.method not in ('sid', 'dmd', 'sds'):
         die(f'--method {args.method}: unknown; choose sid (D-SiD), dmd (D-DMD) or sds (D-SDS)')
     check_ranges(args, dict(sigma='>= 0', alpha='>= 0', sigma_init='> 0', tmax='> 0', sigma_min='> 0', lr='> 0',
-                            glr='> 0', gbeta1='in [0, 1)', dropout='in [0, 1)', augment='in [0, 1]', batch='> 0',
-                            batch_gpu='> 0', fake_steps='> 0', lsg='> 0', ema='> 0', ema_rampup='>= 0', kimg='> 0',
-                            tick='> 0', snap='> 0', fid_num='>= 0'))
+                            glr='> 0', glr_end='in [0, 1]', gbeta1='in [0, 1)', dropout='in [0, 1)', batch='> 0',
+                            augment='in [0, 1]', batch_gpu='> 0', fake_steps='> 0', lsg='> 0', ema='> 0', kimg='> 0',
+                            ema_rampup='>= 0', tick='> 0', snap='> 0', fid_num='>= 0'))
     path = args.teacher or find_teacher(args.data, args.sigma)
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
@@ -182,10 +183,7 @@ def resolve(args):
     preset = teacher.get('config', {}).get('preset') or ('toy' if net.get('arch') == 'mlp' else 'tiny'
         if net['img_resolution'] <= 16 else 'cifar10' if net['img_resolution'] <= 32 else 'ffhq64')
     recipe = dict(RECIPES.get(preset, RECIPES['cifar10']))
-    for k in ('lr', 'glr', 'gbeta1', 'alpha', 'sigma_init', 'dropout', 'augment', 'batch', 'kimg', 'ema', 'ema_rampup',
-              'tick', 'snap', 'fid_num', 'fake_sigma', 'fake_steps'):
-        if getattr(args, k) is not None:
-            recipe[k] = getattr(args, k)
+    recipe.update({k: getattr(args, k) for k in recipe if getattr(args, k) is not None})   # flags over the recipe
     features = args.features if args.features != 'auto' else \
         ('pixel' if net.get('arch') == 'mlp' or net['img_resolution'] <= 16 else 'inception')
     data = teacher.get('data', args.data) if args.data == 'cifar10' and args.teacher else args.data
@@ -267,6 +265,8 @@ def main(argv=None):
             sums['loss_fake'] += out[0] / cfg['fake_steps']
         sigma = sid_sigmas(B, g, cfg['tmax'], cfg['sigma_min'])                # Alg. 1, lines 10-12: generator step
         z, eps_n, eps = (torch.randn((B, *shape), generator=g) for _ in range(3))
+        cosine = (1 + math.cos(math.pi * step / total)) / 2        # not in the paper: glr falls to glr_end x glr
+        opt_g.param_groups[0]['lr'] = cfg['glr'] * (cfg['glr_end'] + (1 - cfg['glr_end']) * cosine)
         G.train()
         fake.eval().requires_grad_(False)
         out = optimize(opt_g, G, G_ddp, lambda *b: generator_step(G_fwd, teacher_fwd, fake_fwd, *b, cfg),

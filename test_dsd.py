@@ -811,6 +811,7 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
                       (['--gbeta1', '1'], r'--gbeta1 1.0: must be in \[0, 1\)'), (['--alpha', 'nan'], '--alpha nan'),
                       (['--sigma-init', '0'], '--sigma-init 0.0: must be > 0'),
                       (['--fake-steps', '0'], '--fake-steps 0: must be > 0'),
+                      (['--glr-end', '1.5'], r'--glr-end 1.5: must be in \[0, 1\]'),
                       (['--fake-sigma', 'clamp'], "only --loss ambient clamps sigma .this run's loss is ambient-x0")]:
         with pytest.raises(SystemExit, match=msg):
             distill.main(['--teacher', toy_teacher, '--data', 'toy', '--fid-num', '0', '--kimg', '0.064', '--outdir',
@@ -874,6 +875,22 @@ def test_fake_steps_take_that_many_fake_score_steps_per_generator_step(tmp_path,
         assert ck['config']['fake_steps'] == k and ck['state']['step'] == 2
         assert {int(v['step']) for v in ck['state']['opt_f']['state'].values()} == {2 * k}
         assert {int(v['step']) for v in ck['state']['opt_g']['state'].values()} == {2}
+
+
+def test_glr_end_lowers_the_generators_lr_on_a_cosine_and_leaves_the_fake_nets(tmp_path, toy_teacher, monkeypatch):
+    """--glr-end f (not in the paper; tiny's recipe): generator step s of S runs at glr (f + (1 - f) (1 + cos(pi s /
+    S)) / 2), from glr down towards f glr; the fake net's lr stays; f = 1 (SiD's recipes) is a constant glr."""
+    seen = []
+    real = distill.optimize
+    monkeypatch.setattr(distill, 'optimize', lambda opt, *a: seen.append(opt.param_groups[0]['lr']) or real(opt, *a))
+    for end in (0.25, 1.0):
+        seen.clear()
+        distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.128', '--fid-num', '0', '--lr', '1e-4',
+                      '--glr', '2e-4', '--glr-end', str(end), '--outdir', str(tmp_path / f'e{end}')])
+        want = [2e-4 * (end + (1 - end) * (1 + math.cos(math.pi * s / 4)) / 2) for s in range(4)]
+        assert seen[0::2] == [1e-4] * 4 and seen[1::2] == pytest.approx(want, rel=1e-9), seen
+    assert want == [2e-4] * 4
+    assert [k for k, r in distill.RECIPES.items() if r['glr_end'] != 1] == ['tiny']   # the paper's presets: SiD's
 
 
 def test_the_fake_net_trains_with_the_teachers_loss(tmp_path, toy_teacher, monkeypatch):
@@ -1770,10 +1787,13 @@ def test_bench_recipe_smoke(tmp_path):
     assert (abs(patches[..., 0] + patches[..., 2] - 255) <= 1).all() and patches[..., 0].std() > 50
     assert ((patches[..., 0] > 5) & (patches[..., 0] < 250)).any()       # the edge, averaged: not nearest-neighbour
     for name, key in (('leaves', 'fd'), ('photo', 'fd'), ('clusters', 'w2'), ('clusters', 'fd')):
-        (res,) = [json.load(open(os.path.join(d, 'result.json'))) for d in (tmp_path / 'b').glob(f'{name}-*distill*')]
+        (run,) = (tmp_path / 'b').glob(f'{name}-*distill*')
+        res = json.load(open(run / 'result.json'))
         vals = [res['best'][k][key] for k in ('floor', 'noisy', 'full', 'truncated', 'dsd', 'clean')]
         vals += [res['latest'][key]]
         assert all(math.isfinite(v) and v > 0 for v in vals) and len(res['proximal']) == 4, res
+        every = [json.loads(line)['proximal_fd'] for line in open(run / 'metrics.jsonl')]   # drift: last vs lowest
+        assert res['drift'] == pytest.approx(every[-1] / min(every) - 1) and res['drift'] >= 0, (res, every)
         assert res['best']['floor']['fd'] < res['best']['noisy']['fd'], res
         # --ceiling: the same teacher recipe, trained on the clean set (sigma_n = 0)
         teacher, clean = (torch.load(tmp_path / 'b' / f'{name}-teacher-kimg_0.5_snap_0.25_tick_0.25{end}' / 'latest.pt',

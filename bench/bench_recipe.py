@@ -4,8 +4,8 @@ For each data set this script makes (16x16 images: smooth, dead leaves, textured
 pass with --photo; 2-D points: curves, clusters, and the built-in toy) it trains a teacher (pretrain.py), distills
 it (distill.py) for each setting of a small grid, and prints one table per set: the Frechet distance in pixel space
 to fresh clean images (points: the W2 distance, exact matching, and the mean distance to the clean support) of the
-noisy data, Ambient-Full, Ambient-Truncated and DSD, the time of each stage, and the spread of Proximal FD over the
-last four snapshots (max |x - median| / median).
+noisy data, Ambient-Full, Ambient-Truncated and DSD, the time of each stage, the spread of Proximal FD over the
+last four snapshots (max |x - median| / median) and its drift (the last snapshot's over the run's lowest, minus 1).
 
     python bench/bench_recipe.py                          # the default recipes on all six made sets
     python bench/bench_recipe.py --sets photo --photo a.jpg,b.jpg   # ... on patches of your photographs
@@ -153,7 +153,8 @@ TINY = dict(NEW, **{'--sigma-init': '1.0'})                               # the 
 TINY128 = dict(TINY, **{'--kimg': '128'})                              # the default before --grid fake-sigma
 FS128 = dict(TINY128, **{'--fake-sigma': 'above'})                   # the tiny default until --grid ema-rampup
 EMA128 = dict(FS128, **{'--ema-rampup': '0.5'})                     # the tiny default until --grid fake-steps-88
-FS2_88 = dict(EMA128, **{'--kimg': '88', '--fake-steps': '2'})   # today's tiny default: K = 2 in EMA128's time
+FS2_88 = dict(EMA128, **{'--kimg': '88', '--fake-steps': '2'})   # K = 2 in EMA128's time, the default until COS88
+COS88 = dict(FS2_88, **{'--glr-end': '0'})                    # today's tiny default: glr falls on a cosine to 0
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
@@ -196,6 +197,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'seed-2': [({'--loss': 'ambient', '--seed': '2'}, dict(FS2_88, **{'--seed': '2'}))],   # a third teacher and run
     'gen-sigma-min-88': [({}, dict(FS2_88, **{'--gen-sigma-min': ''}))],   # smooth's drift: from sigma < sigma_n?
     'fs2-knobs': [({}, dict(FS2_88, **d)) for d in ({'--alpha': '1.0'}, {'--glr': '1e-4'})],   # on today's default
+    'glr-cosine': [({}, COS88)],   # not in the paper: glr falls to 0 on a cosine; does it stop the drift?
+    'glr-cosine-seed-1': [(t, dict(COS88, **d)) for t, d in SEED01[1:]],   # COS88 at seed 1 (fake-steps-88's teachers)
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
 }
 
@@ -226,10 +229,12 @@ def samples(path, n, mode=None):
 
 
 def spread(metrics_file):
-    """max |x - median| / median of the Proximal FD over the last four snapshots."""
-    vals = [json.loads(l)['proximal_fd'] for l in open(metrics_file)][-4:]
-    med = float(np.median(vals))
-    return dict(proximal=[round(v, 4) for v in vals], spread=max(abs(v - med) for v in vals) / med if med else math.nan)
+    """max |x - median| / median of the Proximal FD over the last four snapshots (the issue's test of stability), and
+    drift: how far the last snapshot's Proximal FD is above the run's lowest, which the four can miss."""
+    every = [json.loads(l)['proximal_fd'] for l in open(metrics_file)]
+    vals, med = every[-4:], float(np.median(every[-4:]))
+    return dict(proximal=[round(v, 4) for v in vals], spread=max(abs(v - med) for v in vals) / med if med else math.nan,
+                drift=every[-1] / min(every) - 1 if min(every) > 0 else math.nan)
 
 
 def script(name, outdir, *args, threads=1):
@@ -301,8 +306,9 @@ def one(spec):
     if not os.path.isfile(done):
         evaluate(spec, done)
     res = json.load(open(done))
-    if 'floor' not in res['best']:
+    if 'floor' not in res['best'] or 'drift' not in res:   # finished runs gain what later versions added
         res['best']['floor'] = floor(spec)
+        res.update(spread(os.path.join(spec['dir'], 'metrics.jsonl')))
         json.dump(res, open(done, 'w'), indent=1)
     if spec['ceiling'] and 'clean' not in res['best']:
         res['best']['clean'] = ceiling(spec)
@@ -343,16 +349,17 @@ def table(results):
         label = f'{fid.label_of("pixel", True)} / W2 / mean distance to the clean support' if name in POINTS else \
             'pixel FD to clean'
         print(f'\n{name} ({label}; clean: 2,000 clean training images, the floor at this sample size; DSD is best.pt, '
-              f'then latest.pt; spread: max |x - median| / median of Proximal FD over the last 4 snapshots; minutes '
-              f'per stage)')
+              f'then latest.pt; spread: max |x - median| / median of Proximal FD over the last 4 snapshots; '
+              f'drift: the last Proximal FD / the lowest - 1; minutes per stage)')
         print(f'{"teacher flags":16s} {"distill flags":44s} ' + ''.join(f'{c:>{8 * len(keys)}s}' for c in (
-              'clean', 'noisy', 'full', 'trunc', 'DSD', 'latest')) + f' {"spread":>6s} {"t_min":>5s} {"d_min":>5s}')
+              'clean', 'noisy', 'full', 'trunc', 'DSD', 'latest')) + ''.join(f' {c:>6s}' for c in (
+              'spread', 'drift', 't_min', 'd_min')))
         for r in rows:
             b = dict(r['best'], latest=r['latest'])
             cells = ''.join(''.join(f'{b[c][k]:8.3f}' for k in keys) for c in ('floor', 'noisy', 'full', 'truncated',
                                                                                  'dsd', 'latest'))
             print(f'{" ".join(r["teacher"]) or "-":16s} {" ".join(r["distill"]) or "-":44s} {cells} '
-                  f'{r["spread"]:6.2f} {r["teacher_s"] / 60:5.1f} {r["distill_s"] / 60:5.1f}')
+                  f'{r["spread"]:6.2f} {r["drift"]:6.2f} {r["teacher_s"] / 60:5.1f} {r["distill_s"] / 60:5.1f}')
         ceilings = {' '.join(r['teacher']) or '-': r['best']['clean'] for r in rows if 'clean' in r['best']}
         for flags, c in ceilings.items():
             print(f'Ceiling, the teacher ({flags}) trained on the clean set: ' +
