@@ -196,7 +196,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'seed-1': [(t, dict(FS2_88, **d)) for t, d in SEED01[1:]],   # fake-steps-88's seed-1 row alone (its cache)
     'seed-2': [({'--loss': 'ambient', '--seed': '2'}, dict(FS2_88, **{'--seed': '2'}))],   # a third teacher and run
     'gen-sigma-min-88': [({}, dict(FS2_88, **{'--gen-sigma-min': ''}))],   # smooth's drift: from sigma < sigma_n?
-    'fs2-knobs': [({}, dict(FS2_88, **d)) for d in ({'--alpha': '1.0'}, {'--glr': '1e-4'})],   # on today's default
+    'fs2-knobs': [({}, dict(FS2_88, **d)) for d in ({'--alpha': '1.0'}, {'--glr': '1e-4'})],   # on FS2_88
     'glr-cosine': [({}, COS88)],   # not in the paper: glr falls to 0 on a cosine; does it stop the drift?
     'glr-cosine-seed-1': [(t, dict(COS88, **d)) for t, d in SEED01[1:]],   # COS88 at seed 1 (fake-steps-88's teachers)
     'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
