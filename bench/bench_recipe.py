@@ -158,7 +158,8 @@ COS88 = dict(FS2_88, **{'--glr-end': '0'})                    # today's tiny def
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
-TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})   # today's toy
+TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})
+TOY_X0, TOY_DIST = dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'})   # today's toy
 GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same after the defaults move ('' = a switch)
     'defaults': [({}, {})],
     'coarse': [({}, dict(OLD, **{'--ema-rampup': '0.05'})), ({}, dict(OLD, **{'--ema-rampup': '0.25'})),
@@ -199,7 +200,9 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'fs2-knobs': [({}, dict(FS2_88, **d)) for d in ({'--alpha': '1.0'}, {'--glr': '1e-4'})],   # on FS2_88
     'glr-cosine': [({}, COS88)],   # not in the paper: glr falls to 0 on a cosine; does it stop the drift?
     'glr-cosine-seed-1': [(t, dict(COS88, **d)) for t, d in SEED01[1:]],   # COS88 at seed 1 (fake-steps-88's teachers)
-    'points-x0': [(dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'}))],   # today's toy
+    'glr-end-quarter': [(t, dict(COS88, **{'--glr-end': '0.25'}, **d)) for t, d in SEED01],   # between FS2_88 and COS88
+    'points-x0': [(TOY_X0, TOY_DIST)],   # today's toy
+    'points-cosine': [(TOY_X0, TOY_DIST), (TOY_X0, dict(TOY_DIST, **{'--glr-end': '0'}))],   # tiny's cosine on points
 }
 
 
