@@ -35,7 +35,7 @@ from sample import one_step, sample_shape
 # are (0, 0.999) and init_sigma is 2.5 (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64).
 # dropout: fake net and generator; augment: the fake net's loss (None: the teacher's); fake_sigma: the fake net's
 # Eq. (3) noise levels, clamped to sigma_n (authors') or drawn above it; glr_end: glr at the run's end as a fraction of
-# its start, reached on a cosine (SiD: 1, constant). tiny and toy are CPU recipes, chosen by bench/bench_recipe.py.
+# its start, reached on a cosine (SiD: 1, constant). tiny and toy are CPU recipes: bench/RECIPES.md says why.
 _SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
             fid_num=50000, fake_sigma='clamp', fake_steps=1, glr_end=1.0)
 RECIPES = {

@@ -280,7 +280,7 @@ PRESETS = dict(
     toy=dict(net=dict(img_resolution=0, img_channels=2, model_channels=128, channel_mult=[1], num_blocks=3,
                       attn_resolutions=[], dropout=0.0, augment_dim=0, arch='mlp'),
              train=dict(batch=512, lr=1e-3, kimg=3000, warmup=50, ema=50, ema_rampup=0.05, augment=0.0),
-             loss='ambient-x0'),   # Eq. (3) reweighted: README, "CPU recipes"
+             loss='ambient-x0'),   # Eq. (3) reweighted: bench/RECIPES.md, "Where the teacher learns least"
 )
 
 _NET_KEYS = ('img_resolution', 'img_channels', 'model_channels', 'channel_mult', 'num_blocks', 'attn_resolutions',
