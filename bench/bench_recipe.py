@@ -200,6 +200,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'fs2-knobs': [({}, dict(FS2_88, **d)) for d in ({'--alpha': '1.0'}, {'--glr': '1e-4'})],   # on FS2_88
     'glr-cosine': [({}, COS88)],   # not in the paper: glr falls to 0 on a cosine; does it stop the drift?
     'glr-cosine-seed-1': [(t, dict(COS88, **d)) for t, d in SEED01[1:]],   # COS88 at seed 1 (fake-steps-88's teachers)
+    'glr-cosine-seed-2': [({'--loss': 'ambient', '--seed': '2'}, dict(COS88, **{'--seed': '2'}))],   # seed-2's teacher
     'glr-end-quarter': [(t, dict(COS88, **{'--glr-end': '0.25'}, **d)) for t, d in SEED01],   # between FS2_88 and COS88
     'points-x0': [(TOY_X0, TOY_DIST)],   # today's toy
     'points-cosine': [(TOY_X0, TOY_DIST), (TOY_X0, dict(TOY_DIST, **{'--glr-end': '0'}))],   # tiny's cosine on points
