@@ -156,6 +156,7 @@ EMA128 = dict(FS128, **{'--ema-rampup': '0.5'})                     # the tiny d
 FS2_88 = dict(EMA128, **{'--kimg': '88', '--fake-steps': '2'})   # K = 2 in EMA128's time, the default until COS88
 COS88 = dict(FS2_88, **{'--glr-end': '0'})                    # today's tiny default: glr falls on a cosine to 0
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
+SEED2 = ({'--loss': 'ambient', '--seed': '2'}, {'--seed': '2'})                 # and seed 2
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
 TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})
@@ -195,12 +196,12 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
                   ({}, dict(EMA128, **{'--kimg': '68', '--fake-steps': '3'}))],     # K = 3 in the same time
     'fake-steps-88': [(t, dict(FS2_88, **d)) for t, d in SEED01],   # K = 2 in EMA128's time, seeds 0 and 1
     'seed-1': [(t, dict(FS2_88, **d)) for t, d in SEED01[1:]],   # fake-steps-88's seed-1 row alone (its cache)
-    'seed-2': [({'--loss': 'ambient', '--seed': '2'}, dict(FS2_88, **{'--seed': '2'}))],   # a third teacher and run
+    'seed-2': [(SEED2[0], dict(FS2_88, **SEED2[1]))],   # a third teacher and run
     'gen-sigma-min-88': [({}, dict(FS2_88, **{'--gen-sigma-min': ''}))],   # smooth's drift: from sigma < sigma_n?
     'fs2-knobs': [({}, dict(FS2_88, **d)) for d in ({'--alpha': '1.0'}, {'--glr': '1e-4'})],   # on FS2_88
     'glr-cosine': [({}, COS88)],   # not in the paper: glr falls to 0 on a cosine; does it stop the drift?
     'glr-cosine-seed-1': [(t, dict(COS88, **d)) for t, d in SEED01[1:]],   # COS88 at seed 1 (fake-steps-88's teachers)
-    'glr-cosine-seed-2': [({'--loss': 'ambient', '--seed': '2'}, dict(COS88, **{'--seed': '2'}))],   # seed-2's teacher
+    'glr-cosine-seed-2': [(SEED2[0], dict(COS88, **SEED2[1]))],   # seed-2's teacher
     'glr-end-quarter': [(t, dict(COS88, **{'--glr-end': '0.25'}, **d)) for t, d in SEED01],   # between FS2_88 and COS88
     'points-x0': [(TOY_X0, TOY_DIST)],   # today's toy
     'points-cosine': [(TOY_X0, TOY_DIST), (TOY_X0, dict(TOY_DIST, **{'--glr-end': '0'}))],   # tiny's cosine on points
@@ -233,7 +234,7 @@ def samples(path, n, mode=None):
 
 
 def spread(metrics_file):
-    """max |x - median| / median of the Proximal FD over the last four snapshots (the issue's test of stability), and
+    """max |x - median| / median of the Proximal FD over the last four snapshots (a stable recipe stays within 0.2), and
     drift: how far the last snapshot's Proximal FD is above the run's lowest, which the four can miss."""
     every = [json.loads(l)['proximal_fd'] for l in open(metrics_file)]
     vals, med = every[-4:], float(np.median(every[-4:]))
