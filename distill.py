@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from fid import (frechet_distance, generated_features, label_of, load_inception, load_stats, noisy_reference, proximal,
                  stats_of)
-from networks import build_net, die, init_distributed, load_checkpoint, print0, save_checkpoint
+from networks import build_net, die, end_distributed, init_distributed, load_checkpoint, print0, save_checkpoint
 from pretrain import (apply_augment, augment_choices, check_ranges, denoising_loss, ema_beta, log_tick, on_device,
                       optimize, resume_checkpoint, sample_sigma, split_batch, start_run, step_generator, steps_of,
                       update_ema, write_snapshot)
@@ -288,8 +288,7 @@ def main(argv=None):
             if world > 1:
                 dist.barrier()
     print0(f'done: {os.path.join(cfg["outdir"], "latest.pt")}')   # Alg. 1, line 14: the EMA generator is the model
-    if world > 1:
-        dist.destroy_process_group()
+    end_distributed(world)
 
 
 def snapshot(cfg, step, best, G_ema, train_state, teacher_ckpt, refs, device):

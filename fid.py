@@ -84,12 +84,9 @@ class InceptionA(nn.Module):
         self.branch_pool = ConvBN(cin, pool_ch, 1)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg_pool(x)),
-        ], 1)
+        b = self.branch5x5_2(self.branch5x5_1(x))
+        d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b, d, self.branch_pool(_avg_pool(x))], 1)
 
 class InceptionB(nn.Module):
     """35x35 -> 17x17 reduction."""
@@ -101,11 +98,8 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), d, F.max_pool2d(x, 3, stride=2)], 1)
 
 class InceptionC(nn.Module):
     """17x17 block with factorised 7x7 convolutions (1x7 then 7x1)."""
@@ -127,12 +121,8 @@ class InceptionC(nn.Module):
         for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
                      self.branch7x7dbl_4, self.branch7x7dbl_5):
             d = conv(d)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            d,
-            self.branch_pool(_avg_pool(x)),
-        ], 1)
+        b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        return torch.cat([self.branch1x1(x), b, d, self.branch_pool(_avg_pool(x))], 1)
 
 class InceptionD(nn.Module):
     """17x17 -> 8x8 reduction."""
@@ -170,12 +160,8 @@ class InceptionE(nn.Module):
         b = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         p = _avg_pool(x) if self.pool == 'avg' else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b), self.branch3x3_2b(b),
-            self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
-            self.branch_pool(p),
-        ], 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b), self.branch3x3_2b(b), self.branch3x3dbl_3a(d),
+                          self.branch3x3dbl_3b(d), self.branch_pool(p)], 1)
 
 class InceptionV3(nn.Module):
     """FID Inception-v3: images NCHW, uint8 or float in [0, 255], any size -> (N, 2048) pool3 features."""

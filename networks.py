@@ -51,6 +51,15 @@ def init_distributed(device=None):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
 
+def end_distributed(world):
+    """The last barrier, then teardown. The barrier's handle stays here for the exiting interpreter to free: under
+    DDP, a gloo thread that frees it as Python shuts down aborts the process (terminate called without an active
+    exception)."""
+    if world > 1:
+        end_distributed.barrier = dist.barrier(async_op=True)
+        end_distributed.barrier.wait()
+        dist.destroy_process_group()
+
 # ------------------------------------------------------------------------------------------------
 # Layers. EDM's DDPM++ initialises every weight xavier-uniform, scaled by 1 (most layers), 1e-5 (the
 # last conv of each residual branch and the output conv, so every block starts near identity) or
@@ -138,7 +147,6 @@ class SongUNet(nn.Module):
         self.map_augment = linear(augment_dim, model_channels, bias=False) if augment_dim else None
         self.map_layer0 = linear(model_channels, emb)
         self.map_layer1 = linear(emb, emb)
-
         self.enc = nn.ModuleDict()
         skips, cout = [], in_channels
         for level, mult in enumerate(channel_mult):
@@ -153,7 +161,6 @@ class SongUNet(nn.Module):
                 cin, cout = cout, model_channels * mult
                 self.enc[f'{res}x{res}_block{i}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **blk)
                 skips.append(cout)
-
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -220,10 +227,8 @@ class EDMPrecond(nn.Module):
         self.config = dict(img_resolution=int(img_resolution), img_channels=int(img_channels),
                            model_channels=int(model_channels), channel_mult=[int(m) for m in channel_mult],
                            num_blocks=int(num_blocks), attn_resolutions=[int(r) for r in attn_resolutions],
-                           dropout=float(dropout), augment_dim=int(augment_dim), arch=str(arch),
-                           sigma_data=float(sigma_data))
+                           dropout=float(dropout), augment_dim=int(augment_dim), arch=str(arch), sigma_data=float(sigma_data))
         self.img_resolution, self.img_channels, self.sigma_data = int(img_resolution), int(img_channels), float(sigma_data)
-        self.augment_dim = int(augment_dim)
         if arch == 'songunet':
             self.model = SongUNet(img_resolution, img_channels, img_channels, augment_dim, model_channels,
                                   channel_mult, num_blocks, attn_resolutions, dropout)
@@ -425,22 +430,17 @@ def _np_scalar(dtype, data=None):
 _ALLOWED = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_stub,
     ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
-    ('torch._utils', '_rebuild_tensor_v2'): _tensor,
-    ('torch._utils', '_rebuild_tensor'): _tensor,
-    ('torch._utils', '_rebuild_parameter'): _parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _parameter,
+    ('torch._utils', '_rebuild_tensor_v2'): _tensor, ('torch._utils', '_rebuild_tensor'): _tensor,
+    ('torch._utils', '_rebuild_parameter'): _parameter, ('torch._utils', '_rebuild_parameter_with_state'): _parameter,
     ('torch._tensor', '_rebuild_from_type_v2'): _from_type,
-    ('torch._tensor', 'Tensor'): torch.Tensor,
-    ('torch', 'Tensor'): torch.Tensor,
+    ('torch._tensor', 'Tensor'): torch.Tensor, ('torch', 'Tensor'): torch.Tensor,
     ('torch.nn.parameter', 'Parameter'): nn.Parameter,
     ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictStub,
     ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
+    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset,
     ('dnnlib.util', 'EasyDict'): _EasyDict,
     ('numpy', 'dtype'): np.dtype,
-    ('numpy.core.multiarray', 'scalar'): _np_scalar,
-    ('numpy._core.multiarray', 'scalar'): _np_scalar,
+    ('numpy.core.multiarray', 'scalar'): _np_scalar, ('numpy._core.multiarray', 'scalar'): _np_scalar,
 }
 
 class _SafeUnpickler(pickle.Unpickler):

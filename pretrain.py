@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from networks import PRESETS, build_net, die, init_distributed, load_checkpoint, print0, save_checkpoint
+from networks import PRESETS, build_net, die, end_distributed, init_distributed, load_checkpoint, print0, save_checkpoint
 from sample import save_preview
 
 P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal training noise levels
@@ -691,8 +691,7 @@ def main(argv=None):
             if world > 1:
                 dist.barrier()
     print0(f'done: {os.path.join(cfg["outdir"], "latest.pt")}')
-    if world > 1:
-        dist.destroy_process_group()
+    end_distributed(world)
 
 
 if __name__ == '__main__':
