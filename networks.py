@@ -1,4 +1,4 @@
-"""The ground every stage stands on: denoiser networks, checkpoints, process set-up and the error exit.
+"""The ground every stage stands on: denoiser networks, checkpoints, process set-up and teardown, the error exit.
 
 - SongUNet: the DDPM++ U-Net in the configuration EDM trains it (Karras et al. 2022), with the same
   parameter names and shapes, so EDM's DDPM++ weights load into it one to one.
