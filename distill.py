@@ -170,9 +170,10 @@ def resolve(args):
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
         die(f'--teacher {path}: a {teacher.get("kind")} checkpoint; distillation needs a teacher from pretrain.py')
-    sigma_n = teacher['sigma_n'] if args.sigma is None else args.sigma
-    if args.sigma is not None and abs(args.sigma - teacher['sigma_n']) > 1e-9:
-        print0(f'warning: --sigma {args.sigma:g} is not the teacher\'s sigma_n {teacher["sigma_n"]:g} (mis-specified)')
+    scale = teacher.get('config', {}).get('data_scale', 1.0)   # points: data units per model unit (noisy_dataset)
+    sigma_n = teacher['sigma_n'] if args.sigma is None else args.sigma / scale
+    if abs(sigma_n - teacher['sigma_n']) > 1e-9:
+        print0(f'warning: --sigma {args.sigma:g} is not the teacher\'s sigma_n {teacher["sigma_n"] * scale:g} (mis-specified)')
     loss = args.loss or teacher['loss']
     if loss != teacher['loss'] and not args.force_loss:
         die(f'--loss {loss}: the teacher was trained with --loss {teacher["loss"]}; teacher, fake net and generator '
@@ -193,11 +194,11 @@ def resolve(args):
     elif args.augment and not net['augment_dim']:
         die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
     recipe['dropout'] = net['dropout'] if recipe['dropout'] is None else recipe['dropout']
-    cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), loss=loss, method=args.method, tmax=args.tmax,
-               sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min,
-               lsg=args.lsg, seed=args.seed, precision=args.precision,
-               features=features, ref=args.ref, preset=preset, **recipe,
-               outdir=args.outdir or os.path.join('runs', f'distill-{name}-sigma{sigma_n:g}'))
+    cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), data_scale=scale,
+               data_shift=teacher.get('config', {}).get('data_shift', 0.0), loss=loss, method=args.method,
+               tmax=args.tmax, sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min,
+               lsg=args.lsg, seed=args.seed, precision=args.precision, features=features, ref=args.ref, preset=preset,
+               **recipe, outdir=args.outdir or os.path.join('runs', f'distill-{name}-sigma{sigma_n * scale:g}'))
     return cfg, teacher
 
 

@@ -93,8 +93,7 @@ class _NumpyOnly(pickle.Unpickler):
 
 def find_cifar10(data_dir):
     dirs = [d for d in (data_dir, os.environ.get('DSD_DATA'), 'data') if d]
-    for d in dirs:
-        path = os.path.join(d, 'cifar-10-python.tar.gz')
+    for path in (os.path.join(d, 'cifar-10-python.tar.gz') for d in dirs):
         if os.path.isfile(path):
             return path
     target = os.path.join(dirs[0], 'cifar-10-python.tar.gz')
@@ -208,9 +207,16 @@ def make_noisy(clean, sigma, seed=0, index=None, stream=0):
 
 
 def noisy_dataset(data, sigma, seed=0, data_dir=None, already_noisy=False):
-    """Alg. 2, line 1: the only data training ever sees, the fixed noisy set."""
+    """Alg. 2, line 1: the only data training ever sees, the fixed noisy set, in model units (sigma in data units).
+    Points become (x - shift) / scale, scale the power of two that brings their RMS spread into [0.5, 1) and shift their
+    mean in multiples of scale: where the toy recipe, whose noise levels are absolute, was measured (README)."""
     x, info = load_data(data, data_dir)
-    return (x if already_noisy else make_noisy(x, sigma, seed)), info
+    info.update(scale=1.0, shift=0.0)
+    if x.ndim == 2:                                          # exact: scale is a power of two, shift a multiple of it
+        s = 2.0 ** math.floor(math.log2(max(float(x.var(0).mean()) ** 0.5, 1e-6) / 0.5))
+        info.update(scale=s, shift=[float(np.round(m / s) * s) + 0.0 for m in x.mean(0, dtype=np.float64)])
+        x = (x - np.float32(info['shift'])) / np.float32(s)
+    return (x if already_noisy else make_noisy(x, sigma / info['scale'], seed)), info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,9 +247,7 @@ def apply_augment(y, choices):
     """Images NCHW transformed as `choices` (from augment_choices) say: pixels move, values never mix."""
     out = []
     for im, (flip_x, flip_y, quarter, tx, ty) in zip(y, choices.tolist()):
-        im = im.flip(2) if flip_x else im
-        im = im.flip(1) if flip_y else im
-        im = torch.rot90(im, quarter, (1, 2))
+        im = torch.rot90(im.flip([2] * flip_x + [1] * flip_y), quarter, (1, 2))   # x-flip: dim 2 (W), y-flip: dim 1
         if tx or ty:
             pad = torch.nn.functional.pad(im[None], (abs(tx), abs(tx), abs(ty), abs(ty)), mode='reflect')[0]
             im = pad[:, abs(ty) - ty: abs(ty) - ty + im.shape[1], abs(tx) - tx: abs(tx) - tx + im.shape[2]]
@@ -469,10 +473,6 @@ def _noise_variance(d):
     return means[k], k + 1
 
 
-def _texture(coarse):
-    return (np.diff(coarse, axis=-1) ** 2).sum((1, 2, 3)) + (np.diff(coarse, axis=-2) ** 2).sum((1, 2, 3))
-
-
 def estimate_sigma(x, seed=0, n_patches=100_000):
     """Blind estimate of the std of i.i.d. Gaussian noise in images (N, C, H, W): dict(sigma, std, method, n)."""
     x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float32)
@@ -490,10 +490,11 @@ def estimate_sigma(x, seed=0, n_patches=100_000):
     a, b, cc, d = win[..., 0::2, 0::2], win[..., 0::2, 1::2], win[..., 1::2, 0::2], win[..., 1::2, 1::2]
     coarse = (a + b + cc + d) / 2                                               # orthonormal 2x2 Haar transform
     fine = np.concatenate([a - b + cc - d, a + b - cc - d, a - b - cc + d], 1).reshape(len(idx), -1) / 2
-    texture = _texture(coarse)
+    roughness = lambda c: (np.diff(c, axis=-1) ** 2).sum((1, 2, 3)) + (np.diff(c, axis=-2) ** 2).sum((1, 2, 3))
+    texture = roughness(coarse)
     order = np.argsort(texture, kind='stable')
     texture, fine, img = texture[order], np.ascontiguousarray(fine[order]), img[order]
-    limit = np.quantile(_texture(rng.standard_normal((20000, *coarse.shape[1:]))), 0.99)   # unit noise's texture
+    limit = np.quantile(roughness(rng.standard_normal((20000, *coarse.shape[1:]))), 0.99)   # unit noise's texture
     var, dims = _noise_variance(fine[rng.permutation(len(fine))[:20000]])      # all patches: an over-estimate
     keep = -1
     for _ in range(20):   # keep the patches whose coarse part is as flat as noise of the current estimate, re-estimate
@@ -593,8 +594,7 @@ def resolve(args):
     net_cfg['img_channels'] = y.shape[1]                    # colour channels, or the dimension of points
     if info['kind'] == 'images':
         net_cfg['img_resolution'] = y.shape[-1]
-    if args.dropout is not None:
-        net_cfg['dropout'] = args.dropout
+    net_cfg['dropout'] = net_cfg['dropout'] if args.dropout is None else args.dropout
     for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'ema_rampup', 'tick', 'snap'):
         if getattr(args, k) is not None:
             train[k] = getattr(args, k)
@@ -602,8 +602,9 @@ def resolve(args):
     train.setdefault('snap', max(train['kimg'] / 10, train['tick']))
     if train['augment'] and info['kind'] == 'points':
         die('--augment applies to images; use --augment 0 for point data')
-    cfg = dict(data=args.data, sigma_n=sigma, loss=args.loss or PRESETS[preset].get('loss', 'ambient'), preset=preset,
-               seed=args.seed, already_noisy=args.already_noisy, xflip=args.xflip, precision=args.precision, **train)
+    cfg = dict(data=args.data, sigma_n=sigma / info['scale'], data_scale=info['scale'], data_shift=info['shift'],
+               loss=args.loss or PRESETS[preset].get('loss', 'ambient'), preset=preset, seed=args.seed,
+               already_noisy=args.already_noisy, xflip=args.xflip, precision=args.precision, **train)
     cfg['noisy_sha256'] = hashlib.sha256(y.tobytes()).hexdigest()[:16]     # the fixed noisy set's fingerprint
     if estimate is not None:
         cfg['sigma_estimate'] = estimate
@@ -659,7 +660,8 @@ def main(argv=None):
     data, sigma_n, loss = torch.from_numpy(y), float(cfg['sigma_n']), cfg['loss']
     total, tick, snap = (steps_of(cfg[k], cfg['batch']) for k in ('kimg', 'tick', 'snap'))
     start_run(cfg['outdir'], dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), rank)
-    print0(f'{info["name"]}: {len(data)} noisy {info["kind"]} {tuple(data.shape[1:])}, sigma_n={sigma_n:g}, '
+    units = f' (model units: (x - {cfg["data_shift"]}) / {cfg["data_scale"]:g})' if info['kind'] == 'points' else ''
+    print0(f'{info["name"]}: {len(data)} noisy {info["kind"]} {tuple(data.shape[1:])}, sigma_n={sigma_n:g}{units}, '
            f'loss={loss}, preset={cfg["preset"]}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, '
            f'{total} steps of {cfg["batch"]} on {world} x {device.type}')
 

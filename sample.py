@@ -216,7 +216,8 @@ def main(argv=None):
             x = torch.cat([x for _, x in gathered])
         x = x[np.argsort(order, kind='stable')]
         if rank == 0 and (args.out or '').endswith('.npz'):
-            arr = x.numpy().astype(np.float32) if x.ndim == 2 else to_uint8(x)
+            c = ckpt.get('config', {})                          # points back in data units (pretrain.noisy_dataset)
+            arr = to_uint8(x) if x.ndim == 4 else x.numpy() * c.get('data_scale', 1.0) + np.float32(c.get('data_shift', 0))
             np.savez(args.out, samples=arr)
             print0(f'wrote {args.out}: samples {arr.dtype} {arr.shape}')
         if rank == 0 and args.grid:

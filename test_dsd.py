@@ -704,7 +704,7 @@ def test_ambient_loss_learns_clean_posterior_mean(tmp_path):
     """Gaussian data x0 ~ N(0, s0^2 I): E[x0|x_t] = s0^2/(s0^2+sigma^2) x_t, E[y|x_t] = (s0^2+sn^2)/(s0^2+sn^2+sigma^2) x_t.
     A briefly trained toy denoiser must approach the first under Eq. (3), reweighted ('ambient-x0': the weight
     changes, the minimiser does not) or not, and the second under Eq. (1)."""
-    s0, sn = 0.5, 0.5
+    s0, sn = 0.7, 0.5
     g = np.random.default_rng(0)
     np.save(tmp_path / 'gauss.npy', (g.normal(size=(20000, 2)) * s0).astype(np.float32))
     errs = {}
@@ -714,10 +714,11 @@ def test_ambient_loss_learns_clean_posterior_mean(tmp_path):
                        '--kimg', '400', '--batch', '512', '--lr', '2e-3', '--warmup', '20', '--ema', '10',
                        '--outdir', str(out), '--device', 'cpu'])
         net, ck = sample.load_net(str(out / 'latest.pt'), 'cpu')
+        s = ck['config']['data_scale']                                  # the net works in model units, x / s
         for sigma in (0.6, 1.0, 2.0):
             x_t = torch.from_numpy(g.normal(size=(4000, 2)).astype(np.float32)) * float(np.sqrt(s0**2 + sigma**2))
             with torch.no_grad():
-                d = net(x_t, torch.full((4000,), sigma))
+                d = s * net(x_t / s, torch.full((4000,), sigma / s))
             clean = s0**2 / (s0**2 + sigma**2) * x_t
             noisy = (s0**2 + sn**2) / (s0**2 + sn**2 + sigma**2) * x_t
             errs[loss, sigma] = ((d - clean).pow(2).mean().sqrt().item(), (d - noisy).pow(2).mean().sqrt().item())
@@ -820,6 +821,33 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
     distill.main([*run, '--kimg', '0.064'])
     with pytest.raises(SystemExit, match='that run used sigma_init=0.5'):     # G's input scale is part of G
         distill.main([*run, '--kimg', '0.128', '--sigma-init', '1.0', '--resume'])
+
+
+def test_points_of_any_spread_and_place_train_the_same_nets_in_model_units(tmp_path):
+    """Points become (x - shift) / scale, sigma / scale with them (the recipe's noise levels are absolute): the toy set
+    4x larger at 4x the noise trains the very teacher and generator the toy set does, Proximal FD included, and
+    sample.py writes the samples back 4x larger; moved 12 away, the same nets up to round-off, the samples moved back."""
+    x, runs = pretrain.toy_points(4000, 0), {}
+    for k, move, sigma in ((1, 0, '0.2'), (4, 0, '0.8'), (4, 12, '0.8')):
+        np.save(tmp_path / f'pts{k}{move}.npy', k * x + move)
+        data, out = ['--data', str(tmp_path / f'pts{k}{move}.npy'), '--device', 'cpu'], tmp_path / f'run{k}{move}'
+        pretrain.main([*data, '--sigma', sigma, *_TOY[4:-2], '--kimg', '1', '--outdir', str(out / 't')])
+        distill.main([*data, '--teacher', str(out / 't' / 'latest.pt'), '--batch', '32', '--kimg', '0.064',
+                      '--fid-num', '256', '--outdir', str(out / 'g')])
+        sample.main(['--net', str(out / 'g' / 'latest.pt'), '--seeds', '0-99', '--out', str(out / 's.npz')])
+        runs[k, move] = [torch.load(out / d / 'latest.pt', weights_only=True) for d in 'tg'] + [
+            np.load(out / 's.npz')['samples']]
+    (t1, g1, s1), (t4, g4, s4), (tm, gm, sm) = runs[1, 0], runs[4, 0], runs[4, 12]
+    assert [(t['config']['data_scale'], t['config']['data_shift'], t['sigma_n']) for t in (t1, t4, tm)] == [
+        (1, [0, 0], 0.2), (4, [0, 0], 0.2), (4, [12, 12], 0.2)]
+    for a, b in ((t1, t4), (g1, g4)):
+        assert all(torch.equal(a['ema'][n], b['ema'][n]) for n in a['ema'])
+    assert g4['metrics']['proximal_fd'] == g1['metrics']['proximal_fd']
+    assert np.array_equal(s4, 4 * s1) and not np.array_equal(s4, s1)
+    assert max(float((tm['ema'][n] - t1['ema'][n]).abs().max()) for n in t1['ema']) < 1e-4   # measured: 2e-6
+    assert np.abs(sm - (4 * s1 + 12)).max() < 1e-3
+    assert abs(gm['metrics']['proximal_fd'] / g1['metrics']['proximal_fd'] - 1) < 1e-4
+    assert pretrain.noisy_dataset('toy', 0.2)[1]['scale'] == 1                    # the built-in set as it was
 
 
 def test_distill_every_method_and_loss_runs_through_main(tmp_path, toy_teacher):
@@ -1806,6 +1834,18 @@ def test_bench_recipe_smoke(tmp_path):
     perfect, noisy = res['best']['perfect'], res['best']['noisy']
     assert perfect['support'] < 0.4 * noisy['support'] and perfect['fd'] < 0.5 * noisy['fd'], res
     assert 'perfect teacher' in r.stdout
+    # --stretch / --move: the same point set 4x larger and moved trains in other units and scores in the set's own
+    for extra in ((), ('--stretch', '4', '--move', '10')):
+        r = _run('bench/bench_recipe.py', '--quick', '--sets', 'gaussians', '--out', tmp_path / 'b', *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (plain,), (moved,) = ([json.load(open(d / 'result.json')) for d in (tmp_path / 'b').glob(f'gaussians{m}-k*distill*')]
+                          for m in ('', '-x4+10'))
+    for row in ('floor', 'noisy'):                      # the same points and noise, mapped back: the same distances
+        assert moved['best'][row]['fd'] == pytest.approx(plain['best'][row]['fd'], rel=1e-3), (row, plain, moved)
+    for row in ('full', 'truncated', 'dsd'):            # samples mapped back to the set's own units, not 4x and 10 off
+        assert moved['best'][row]['support'] < 2 * plain['best'][row]['support'], (row, plain, moved)
+    t = torch.load(next((tmp_path / 'b').glob('gaussians-x4+10-teacher-*')) / 'latest.pt', weights_only=True)
+    assert (t['config']['data_scale'], t['config']['data_shift'], t['sigma_n']) == (8, [8, 8], 0.1), t['config']
     # bench_spectrum.py reads the same runs: one row of finite numbers per checkpoint
     (run,) = (tmp_path / 'b').glob('leaves-*distill*')
     (teacher,) = (tmp_path / 'b').glob('leaves-teacher-*[0-9]')

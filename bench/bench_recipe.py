@@ -100,6 +100,27 @@ def clusters(n, seed):
     return centre + 0.03 * g.standard_normal((n, 2))
 
 
+def moons(n, seed):
+    """Two interleaved half circles of radius 1 (a classic 2-D set), blurred by 0.02."""
+    g = np.random.default_rng(seed)
+    k, t = g.integers(0, 2, n), g.uniform(0, np.pi, n)
+    x = np.stack([np.where(k, 1 - np.cos(t), np.cos(t)), np.where(k, 0.5 - np.sin(t), np.sin(t))], 1)
+    return x + 0.02 * g.standard_normal((n, 2))
+
+
+def gaussians(n, seed):
+    """Eight tight Gaussians (std 0.05) on a circle of radius 2: well-separated modes, a spread of 1.4."""
+    g = np.random.default_rng(seed)
+    a = 2 * np.pi * g.integers(0, 8, n) / 8
+    return 2 * np.stack([np.cos(a), np.sin(a)], 1) + 0.05 * g.standard_normal((n, 2))
+
+
+def checker(n, seed):
+    """A checkerboard: uniform on eight unit squares in [-2, 2]^2, a density that fills an area."""
+    x = np.random.default_rng(seed).uniform(-2, 2, (4 * n, 2))
+    return x[(np.floor(x[:, 0]) + np.floor(x[:, 1])) % 2 == 0][:n]
+
+
 def photo(n, seed, res=16):
     """Patches of real photographs (--photo FILE[,FILE...]): square crops 1-4x larger than res (log-uniform, at
     most the photograph's height), area-averaged down to res, half flipped left-right. Train and fresh sets are
@@ -123,17 +144,18 @@ def photo(n, seed, res=16):
 
 PHOTO = None   # --photo
 SETS = dict(smooth=smooth, leaves=leaves, texture=texture, photo=photo, curves=curves, clusters=clusters,
-            toy=pretrain.toy_points)
-POINTS = ('curves', 'clusters', 'toy')
+            toy=pretrain.toy_points, moons=moons, gaussians=gaussians, checker=checker)
+POINTS = ('curves', 'clusters', 'toy', 'moons', 'gaussians', 'checker')
 
 
-def write_set(name, folder, n, n_fresh):
-    """The clean training set as the file pretrain.py reads (uint8 NHWC images, float points) and the fresh clean
-    evaluation set (seed 1) in model units, made once here for every run. Returns the two paths."""
-    path, fresh_path = (os.path.join(folder, f'{name}{end}.npy') for end in ('', '-fresh'))
+def write_set(name, folder, n, n_fresh, stretch=1.0, move=0.0):
+    """The clean training set as the file pretrain.py reads (uint8 NHWC images, float points: stretch x + move) and
+    the fresh clean evaluation set (seed 1) in model units, made once here for every run. Returns the two paths."""
+    moved = f'-x{stretch:g}+{move:g}' if (stretch, move) != (1, 0) else ''
+    path, fresh_path = (os.path.join(folder, f'{name}{end}.npy') for end in (moved, '-fresh'))
     train, fresh = SETS[name](n, 0), SETS[name](n_fresh, 1)
     if name in POINTS:
-        np.save(path, train.astype(np.float32))
+        np.save(path, (stretch * train + move).astype(np.float32))
         np.save(fresh_path, fresh.astype(np.float32))
         return path, fresh_path
     to_u8 = lambda x: np.rint(x * 255).astype(np.uint8)
@@ -228,9 +250,17 @@ def posterior_mean(y, support):
     return (w @ support / w.sum(1, keepdims=True)).astype(np.float32)
 
 
-def samples(path, n, mode=None):
+def samples(spec, path, n, mode=None):
+    """n samples in the set's own units (sample.generate's are in model units, pretrain.noisy_dataset's; --stretch
+    and --move are undone, so that a stretched set scores as the set itself)."""
     net, ckpt = sample.load_net(path, 'cpu')
-    return torch.cat([x for _, x in sample.generate(net, ckpt, list(range(n)), 100, 'cpu', mode)]).numpy()
+    x = torch.cat([x for _, x in sample.generate(net, ckpt, list(range(n)), 100, 'cpu', mode)]).numpy()
+    return base(spec, x * ckpt['config'].get('data_scale', 1.0) + np.float32(ckpt['config'].get('data_shift', 0)))
+
+
+def base(spec, x):
+    """Data units -> the set's own: undo --stretch and --move."""
+    return (x - spec.get('move', 0.0)) / spec.get('stretch', 1.0)
 
 
 def spread(metrics_file):
@@ -272,14 +302,15 @@ def ceiling(spec):
     cache = os.path.join(clean_dir, 'eval.json')
     if not os.path.isfile(cache):
         fresh, support = references(spec)
-        json.dump(distances(samples(os.path.join(clean_dir, 'latest.pt'), len(fresh)), fresh, support),
+        json.dump(distances(samples(spec, os.path.join(clean_dir, 'latest.pt'), len(fresh)), fresh, support),
                   open(cache, 'w'))
     return json.load(open(cache))
 
 
 def train_teacher(spec):
     """The teacher of a setting, shared by the settings with the same teacher flags. Returns its seconds."""
-    return script('pretrain.py', spec['teacher_dir'], '--data', spec['data'], '--sigma', str(SIGMA), '--device', 'cpu',
+    return script('pretrain.py', spec['teacher_dir'], '--data', spec['data'], '--sigma', str(SIGMA * spec.get('stretch', 1)),
+                  '--device', 'cpu',
                   *spec['teacher'], threads=spec['threads'])
 
 
@@ -290,7 +321,7 @@ def floor(spec):
     ev = json.load(open(cache))
     if 'floor' not in ev:
         fresh, support = references(spec)
-        clean = pretrain.load_data(spec['data'])[0]
+        clean = base(spec, pretrain.load_data(spec['data'])[0])
         ev['floor'] = distances(clean[pick(len(clean), len(fresh))], fresh, support)
         json.dump(ev, open(cache, 'w'))
     return ev['floor']
@@ -332,16 +363,17 @@ def evaluate(spec, done):
     t0, teacher = time.time(), os.path.join(teacher_dir, 'latest.pt')
     cache = os.path.join(teacher_dir, 'eval.json')
     if not os.path.isfile(cache):                   # the teacher's samplers and the noisy data, once per teacher
-        noisy = pretrain.noisy_dataset(spec['data'], SIGMA)[0]            # the teacher's own noisy set (seed 0)
+        noisy = base(spec, pretrain.make_noisy(pretrain.load_data(spec['data'])[0], SIGMA * spec.get('stretch', 1)))
         noisy = noisy[pick(len(noisy), len(fresh))]
         perfect = dict(perfect=distances(posterior_mean(noisy, support), fresh, support)) if points else {}
         json.dump(dict(noisy=distances(noisy, fresh, support), **perfect,
-                       full=distances(samples(teacher, len(fresh), 'full'), fresh, support),
-                       truncated=distances(samples(teacher, len(fresh), 'truncated'), fresh, support)), open(cache, 'w'))
-    dsd = distances(samples(os.path.join(out, 'best.pt'), len(fresh)), fresh, support)
+                       full=distances(samples(spec, teacher, len(fresh), 'full'), fresh, support),
+                       truncated=distances(samples(spec, teacher, len(fresh), 'truncated'), fresh, support)),
+                  open(cache, 'w'))
+    dsd = distances(samples(spec, os.path.join(out, 'best.pt'), len(fresh)), fresh, support)
     res = dict(set=spec['set'], teacher=spec['teacher'], distill=spec['distill'], teacher_s=t_time, distill_s=d_time,
                best=dict(json.load(open(cache)), dsd=dsd),
-               latest=distances(samples(os.path.join(out, 'latest.pt'), len(fresh)), fresh, support),
+               latest=distances(samples(spec, os.path.join(out, 'latest.pt'), len(fresh)), fresh, support),
                **spread(os.path.join(out, 'metrics.jsonl')))
     res['eval_s'] = time.time() - t0
     json.dump(res, open(done, 'w'), indent=1)
@@ -384,6 +416,9 @@ def main(argv=None):
     p.add_argument('--out', default=os.path.join('runs', 'bench-recipe'))
     p.add_argument('--quick', action='store_true', help='a smoke test: tiny sets and budgets')
     p.add_argument('--photo', help='the photographs the set `photo` crops, comma-separated image files')
+    p.add_argument('--stretch', type=float, default=1.0, help='points: train on stretch * x + move at stretch * '
+                   'sigma_n and score the samples mapped back: the same problem in other units (default 1)')
+    p.add_argument('--move', type=float, default=0.0, help='points: see --stretch (default 0)')
     p.add_argument('--ceiling', action='store_true', help='also train each teacher on the clean set and score it '
                    '(Heun to sigma = 0): is the noise or the net the limit?')
     a = p.parse_args(argv)
@@ -393,21 +428,24 @@ def main(argv=None):
         raise SystemExit(f'--sets {a.sets}: choose from {", ".join(SETS)}')
     if 'photo' in names and not (a.photo and all(map(os.path.isfile, a.photo.split(',')))):
         raise SystemExit(f'--photo {a.photo}: the set photo needs existing image files (--photo a.jpg,b.png)')
+    if (a.stretch, a.move) != (1, 0) and (set(names) - set(POINTS) or a.stretch <= 0):
+        raise SystemExit(f'--stretch {a.stretch:g} --move {a.move:g}: for point sets ({", ".join(POINTS)}), stretch > 0')
     os.makedirs(a.out, exist_ok=True)
     quick_t = ['--kimg', '0.5', '--snap', '0.25', '--tick', '0.25'] if a.quick else []
     quick_d = ['--kimg', '0.128', '--snap', '0.032', '--tick', '0.032', '--fid-num', '100', '--batch', '32'] \
         if a.quick else []   # batch 32: four snapshots on every preset
     specs = []
     for name in names:
-        data, fresh = write_set(name, a.out, 300 if a.quick else a.n, 200 if a.quick else 2000)
+        data, fresh = write_set(name, a.out, 300 if a.quick else a.n, 200 if a.quick else 2000, a.stretch, a.move)
+        where = os.path.splitext(os.path.basename(data))[0]                    # the set, stretched and moved
         for teacher, dist in GRIDS[a.grid]:
             t = [x for k, v in teacher.items() for x in (k, v) if x] + quick_t     # '' marks a switch
             d = [x for k, v in dist.items() for x in (k, v) if x] + quick_d
             tag = lambda flags: '_'.join(f.strip('-') for f in flags) or 'default'
             specs.append(dict(set=name, data=data, fresh=fresh, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2,
-                              ceiling=a.ceiling,
-                              teacher_dir=os.path.join(a.out, f'{name}-teacher-{tag(t)}'),
-                              dir=os.path.join(a.out, f'{name}-{tag(t)}-distill-{tag(d)}')))
+                              ceiling=a.ceiling, stretch=a.stretch, move=a.move,
+                              teacher_dir=os.path.join(a.out, f'{where}-teacher-{tag(t)}'),
+                              dir=os.path.join(a.out, f'{where}-{tag(t)}-distill-{tag(d)}')))
     # The teachers first (each once), then the distillations, a.jobs at a time.
     teachers = list({s['teacher_dir']: dict(s, teacher_only=True) for s in specs}.values())
     for batch in (teachers, specs):
