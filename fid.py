@@ -415,12 +415,17 @@ def generated_features(net, ckpt, seeds, kind, device, inception=None, corrupt=0
         parts.append(sample_features(x, kind, device, inception))
     return np.concatenate(parts)
 
-def noisy_reference(teacher_ckpt, data, data_dir, kind, device, inception=None):
-    """Statistics of the teacher's own noisy training set (its sigma_n and seed, or the data as given): Proximal FID's
-    reference, whatever sigma_n the generator assumes."""
+def teachers_noisy_set(teacher_ckpt, data, data_dir=None):
+    """The teacher's own fixed noisy training set, in model units, rebuilt from what its checkpoint records (sigma_n,
+    seed and units, or the data as given)."""
     cfg = teacher_ckpt.get('config', {})
-    y, _ = noisy_dataset(data, teacher_ckpt['sigma_n'] * cfg.get('data_scale', 1.0), cfg.get('seed', 0), data_dir,
-                         cfg.get('already_noisy', False))
+    return noisy_dataset(data, teacher_ckpt['sigma_n'] * cfg.get('data_scale', 1.0), cfg.get('seed', 0), data_dir,
+                         cfg.get('already_noisy', False))[0]
+
+def noisy_reference(teacher_ckpt, data, data_dir, kind, device, inception=None):
+    """Statistics of the teacher's own noisy training set: Proximal FID's reference, whatever sigma_n the generator
+    assumes."""
+    y = teachers_noisy_set(teacher_ckpt, data, data_dir)
     if y.shape[1:] != sample_shape(teacher_ckpt['net']):
         die(f'--data {data}: shape {y.shape[1:]} does not match the teacher\'s {sample_shape(teacher_ckpt["net"])}')
     return stats_of(sample_features(y, kind, device, inception))
@@ -447,9 +452,7 @@ def figure(teacher, t_ckpt, gen, g_ckpt, out, num, batch, device, steps=None):
     """Noisy data, Ambient-Full, Ambient-Truncated and DSD side by side (the paper's Fig. 4 for points, Fig. 2 for
     images) and, where the data set can supply fresh clean samples, each one's distance to them."""
     points, seeds, data = t_ckpt['net'].get('arch') == 'mlp', list(range(num)), t_ckpt.get('data', 'toy')
-    cfg = t_ckpt.get('config', {})
-    noisy, _ = noisy_dataset(data, t_ckpt['sigma_n'] * cfg.get('data_scale', 1.0), cfg.get('seed', 0), None,
-                             cfg.get('already_noisy', False))
+    noisy = teachers_noisy_set(t_ckpt, data)
     noisy = torch.from_numpy(noisy[np.random.default_rng(0).choice(len(noisy), min(num, len(noisy)), replace=False)])
     cat = lambda it: torch.cat([x for _, x in it])
     panels = {'noisy data': noisy,

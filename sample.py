@@ -158,6 +158,12 @@ def save_preview(net, ckpt, path, device, n=None):
         grid_image(to_uint8(x)).save(path)
 
 
+def data_units(points, ckpt):
+    """Points from the model units the nets work in back to the data's (pretrain.noisy_dataset's scale and shift)."""
+    c = ckpt.get('config', {})
+    return points * c.get('data_scale', 1.0) + np.float32(c.get('data_shift', 0.0))
+
+
 def write_samples(out, seeds, x):
     """--out DIR: PNGs in subfolders of 1000 as EDM does; --out FILE.npz handled by the caller."""
     u8 = to_uint8(x)
@@ -216,8 +222,7 @@ def main(argv=None):
             x = torch.cat([x for _, x in gathered])
         x = x[np.argsort(order, kind='stable')]
         if rank == 0 and (args.out or '').endswith('.npz'):
-            c = ckpt.get('config', {})                          # points back in data units (pretrain.noisy_dataset)
-            arr = to_uint8(x) if x.ndim == 4 else x.numpy() * c.get('data_scale', 1.0) + np.float32(c.get('data_shift', 0))
+            arr = to_uint8(x) if x.ndim == 4 else data_units(x.numpy(), ckpt)
             np.savez(args.out, samples=arr)
             print0(f'wrote {args.out}: samples {arr.dtype} {arr.shape}')
         if rank == 0 and args.grid:

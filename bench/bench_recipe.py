@@ -255,7 +255,7 @@ def samples(spec, path, n, mode=None):
     and --move are undone, so that a stretched set scores as the set itself)."""
     net, ckpt = sample.load_net(path, 'cpu')
     x = torch.cat([x for _, x in sample.generate(net, ckpt, list(range(n)), 100, 'cpu', mode)]).numpy()
-    return base(spec, x * ckpt['config'].get('data_scale', 1.0) + np.float32(ckpt['config'].get('data_shift', 0)))
+    return base(spec, sample.data_units(x, ckpt))
 
 
 def base(spec, x):
