@@ -309,9 +309,8 @@ def ceiling(spec):
 
 def train_teacher(spec):
     """The teacher of a setting, shared by the settings with the same teacher flags. Returns its seconds."""
-    return script('pretrain.py', spec['teacher_dir'], '--data', spec['data'], '--sigma', str(SIGMA * spec.get('stretch', 1)),
-                  '--device', 'cpu',
-                  *spec['teacher'], threads=spec['threads'])
+    return script('pretrain.py', spec['teacher_dir'], '--data', spec['data'], '--sigma',
+                  str(SIGMA * spec.get('stretch', 1)), '--device', 'cpu', *spec['teacher'], threads=spec['threads'])
 
 
 def floor(spec):
@@ -363,7 +362,8 @@ def evaluate(spec, done):
     t0, teacher = time.time(), os.path.join(teacher_dir, 'latest.pt')
     cache = os.path.join(teacher_dir, 'eval.json')
     if not os.path.isfile(cache):                   # the teacher's samplers and the noisy data, once per teacher
-        noisy = base(spec, pretrain.make_noisy(pretrain.load_data(spec['data'])[0], SIGMA * spec.get('stretch', 1)))
+        t_ckpt = torch.load(teacher, weights_only=True)          # the teacher's own noisy set, in the set's units
+        noisy = base(spec, sample.data_units(fid.teachers_noisy_set(t_ckpt, spec['data']), t_ckpt))
         noisy = noisy[pick(len(noisy), len(fresh))]
         perfect = dict(perfect=distances(posterior_mean(noisy, support), fresh, support)) if points else {}
         json.dump(dict(noisy=distances(noisy, fresh, support), **perfect,
