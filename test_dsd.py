@@ -1903,6 +1903,7 @@ def test_bench_gpu_cpu_smoke_mode(tmp_path):
         assert sorted((row['batch'], row['precision']) for row in timed) == \
             [(4, 'bf16'), (4, 'fp32'), (8, 'bf16'), (8, 'fp32')]
         assert all(row['img_s'] > 0 and row['mem_gib'] > 0 and row['tflops'] > 0 for row in timed)
+        assert all(0.05 < row['busy'] < 1.2 for row in timed), timed     # share of wall time inside aten ops
         assert all('skipped' in row for row in sec['rows'] if row['precision'] == 'bf16+compile')   # no compile on CPU
         assert sec['flops_per_img'] > 0
     assert res['phase2']['flops_per_img'] > 2 * res['phase1']['flops_per_img']   # three nets, two backward passes

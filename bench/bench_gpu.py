@@ -14,11 +14,11 @@ It measures, all in the same process and run:
               fraction of the measured bf16 ceiling
   phase2      Algorithm 1's iteration exactly as distill.main runs it (fake-score step, generator step, EMA):
               generator img/s, memory, FLOPs of the whole iteration, and the days to the paper's 100 Mimg on 4 GPUs
-  sampling    50,000 one-step images; Ambient-Full / Ambient-Truncated Heun on 5,000 (projected to 50,000), against
+  sampling    50,000 one-step images; Ambient-Full / Ambient-Truncated Heun on 2,000 (projected to 50,000), against
               the paper's Tab. 3 (4 x A6000: 20 s one-step, 10 min diffusion sampling for 50k)
   fid         FID Inception-v3 features img/s at batch 250 (real weights if the file is found, else random)
   correctness EDMPrecond on the device vs on the CPU, bf16 vs fp32 loss, and a short end-to-end run of pretrain.py
-              and distill.py (bf16, --compile on CUDA) with --resume, read back by sample.py
+              and distill.py (bf16, eager: compile is timed above) with --resume, read back by sample.py
 
 Every section (and every configuration in it) runs in its own try/except: a failure is recorded as an error string
 in the JSON and the run goes on. Configurations that would overrun --budget seconds are recorded as skipped. The
@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 
@@ -183,6 +184,25 @@ def time_steps(step, dev, warmup, steps):
     return first, (time.perf_counter() - t) / steps, outs
 
 
+def device_busy(step, dev, start, n=3):
+    """The share of n more steps' wall time that the device spends in kernels (CUDA) or in aten ops (CPU), by
+    torch.profiler. On a GPU, well under 1 means the step waits on the CPU launching kernels one by one: a larger
+    batch or --compile pays. Near 1: bound by the device itself."""
+    cuda = dev.type == 'cuda'
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    sync(dev)
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for i in range(start, start + n):
+            step(i)
+        sync(dev)
+    wall = time.perf_counter() - t
+    busy_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages()
+                  if e.device_type == kind)
+    return busy_us / 1e6 / wall
+
+
 def run_configs(a, dev, section, compiled, make_step, est_s, per_img_flops, ceiling):
     """Each (batch, precision) of PRECISIONS whose compile flag is `compiled`: a row in section['rows']."""
     for batch in a.batches:
@@ -203,8 +223,9 @@ def run_configs(a, dev, section, compiled, make_step, est_s, per_img_flops, ceil
                     reset_compiler()
                 graphs0 = compiled_graphs()
                 steps = max(2, a.steps // 2) if batch > a.batches[0] and name == 'fp32' else a.steps
-                first, dt, outs = time_steps(make_step(batch, dtype, comp), dev, 3 if comp else 2, steps)
-                row.update(steps=steps, step_ms=dt * 1e3, img_s=batch / dt, first_step_s=first,
+                step, warmup = make_step(batch, dtype, comp), 3 if comp else 2
+                first, dt, outs = time_steps(step, dev, warmup, steps)
+                row.update(device='GPU' if dev.type == 'cuda' else 'CPU', steps=steps, step_ms=dt * 1e3, img_s=batch / dt, first_step_s=first,
                            mem_gib=pretrain.memory_gb(dev), loss=float(np.mean([o for o in outs])))
                 if comp:
                     row.update(compile_s=max(first - dt, 0.0), graphs=compiled_graphs() - graphs0)
@@ -213,6 +234,10 @@ def run_configs(a, dev, section, compiled, make_step, est_s, per_img_flops, ceil
                 if per_img_flops:
                     row['tflops'] = per_img_flops * row['img_s'] / 1e12
                     row['frac_bf16_ceiling'] = row['tflops'] / ceiling if ceiling else None
+                try:
+                    row['busy'] = device_busy(step, dev, warmup + steps)
+                except Exception as e:
+                    row['busy_error'] = error_text(e)
                 if not math.isfinite(row['loss']):
                     row['error'] = f'non-finite loss {row["loss"]}'
                 log(f'{section["name"]} batch {batch} {name}: {row["img_s"]:.1f} img/s, {row["step_ms"]:.1f} ms/step, '
@@ -230,9 +255,7 @@ def phase1_setup(a, dev, batch, compiled):
     net_cfg = networks.PRESETS[a.preset]['net']
     cfg = dict(networks.PRESETS[a.preset]['train'], batch=batch, seed=0, xflip=False, sigma_n=SIGMA_N, loss='ambient')
     torch.manual_seed(0)
-    net = networks.build_net(net_cfg).to(dev)
-    if dev.type == 'cuda':
-        net = net.to(memory_format=torch.channels_last)
+    net = pretrain.on_device(networks.build_net(net_cfg), dev)                  # channels-last on GPUs, as main
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg['lr'], betas=(0.9, 0.999), eps=1e-8)
     fwd = torch.compile(net) if compiled else net
@@ -286,7 +309,7 @@ def bench_phase1(a, dev, ctx, compiled):
         sec.update(params_m=n_params / 1e6, data_ms={str(b): data_ms(a, ctx['data'], b) for b in a.batches},
                    flops_note='matmul/conv FLOPs of denoising_loss forward + backward (FlopCounterMode), per image')
         log(f'phase1: {sec["params_m"]:.2f}M params, {sec["flops_per_img"] / 1e9:.2f} GFLOP/img fwd+bwd')
-    est = lambda b, comp: (150 if comp else 10) + (30 if b > 64 and comp else 0)
+    est = lambda b, comp: 150 if comp else 10             # H200 host: the first compiled step took 124 s
     ceiling = ctx.get('device', {}).get('bf16_tflops')
     run_configs(a, dev, sec, compiled, phase1_step_fn(a, dev, ctx['data']), est, sec['flops_per_img'], ceiling)
     for row in sec['rows']:
@@ -300,7 +323,7 @@ def bench_phase1(a, dev, ctx, compiled):
 
 def phase2_setup(a, dev, batch, compiled):
     """The three nets, optimizers and settings as distill.main builds them from a teacher of this preset (random
-    weights). Like distill.main, the nets stay in the default memory format (optimize feeds channels-last inputs)."""
+    weights), channels-last on GPUs as distill.main places them (pretrain.on_device)."""
     net_cfg = networks.PRESETS[a.preset]['net']
     recipe = distill.RECIPES.get(a.preset, distill.RECIPES['cifar10'])
     dropout = recipe['dropout'] if recipe['dropout'] is not None else net_cfg['dropout']
@@ -313,7 +336,8 @@ def phase2_setup(a, dev, batch, compiled):
     teacher, G, fake = (networks.build_net(dict(net_cfg, dropout=d)) for d in (0.0, dropout, dropout))
     for net in (teacher, G, fake):
         net.load_state_dict(weights)
-    teacher, G, fake = teacher.to(dev).eval().requires_grad_(False), G.to(dev), fake.to(dev)
+    teacher, G, fake = (pretrain.on_device(m, dev) for m in (teacher, G, fake))
+    teacher.eval().requires_grad_(False)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=recipe['glr'], betas=(recipe['gbeta1'], 0.999), eps=1e-8)
     opt_f = torch.optim.Adam(fake.parameters(), lr=recipe['lr'], betas=(0.0, 0.999), eps=1e-8)
@@ -364,7 +388,7 @@ def bench_phase2(a, dev, ctx, compiled):
         sec['img_note'] = 'img/s = generator images per second = batch / iteration time (the unit of --kimg)'
         log(f'phase2: {sec["flops_per_img"] / 1e9:.2f} GFLOP per generator image (whole iteration)')
         free(dev)
-    est = lambda b, comp: (240 if comp else 25) + (60 if b > 64 and comp else 0)
+    est = lambda b, comp: 420 if comp else 25             # three graphs, each about Phase I's one
     ceiling = ctx.get('device', {}).get('bf16_tflops')
     run_configs(a, dev, sec, compiled, phase2_step_fn(a, dev), est, sec['flops_per_img'], ceiling)
     for row in sec['rows']:
@@ -392,7 +416,7 @@ def bench_sampling(a, dev, ctx):
     net = networks.build_net(networks.PRESETS[a.preset]['net']).to(dev).eval().requires_grad_(False)
     gen = dict(kind='generator', net=net.config, sigma_init=2.5, sigma_n=SIGMA_N)
     tck = dict(kind='teacher', net=net.config, sigma_n=SIGMA_N)
-    n1, nh, batch = (200, 20, 100) if a.quick else (50000, 5000, 1000)
+    n1, nh, batch = (200, 20, 100) if a.quick else (50000, 2000, 1000)
     time_generate(net, gen, batch, batch, dev)                                   # warm-up (cuDNN, allocator)
     out = dict(preset=a.preset, batch=batch, one_step_n=n1, heun_n=nh, heun_steps=sample.default_steps(tck),
                paper_tab3=PAPER_TAB3, precision_note='fp32 as sample.py runs (one-step also under bf16 autocast)')
@@ -529,22 +553,22 @@ def check_run(outdir, kind, steps, batch, before):
 
 
 def check_end_to_end(a, dev, ctx):
-    """pretrain.main and distill.main for a few steps (bf16, --compile unless on CPU), read back by sample.py, then
-    --resume of each for a few more steps: the step count continues where the checkpoint left it."""
-    root = os.path.join(a.out, 'e2e')
-    os.makedirs(root, exist_ok=True)
+    """pretrain.main and distill.main for a few steps (bf16), read back by sample.py, then --resume of each for a few
+    more steps: the step count continues where the checkpoint left it. In a temporary folder: cifar10 checkpoints
+    are about 1 GB each."""
+    with tempfile.TemporaryDirectory(prefix='bench_gpu_e2e_') as root:
+        return end_to_end_in(a, dev, root)
+
+
+def end_to_end_in(a, dev, root):
     res = networks.PRESETS[a.preset]['net']['img_resolution']
     data = os.path.join(root, 'images.npy')
     np.save(data, sample.to_uint8(pretrain.shapes_images(a.num_data, 0, res)))
     B, n1, n2 = a.e2e_batch, a.e2e_steps, a.e2e_steps + a.e2e_more
     kimg = lambda n: f'{n * B / 1000:g}'
-    compile_flag = [] if a.no_compile else ['--compile']
-    common = ['--data', data, '--batch', str(B), '--tick', kimg(1), '--precision', 'bf16', '--device', str(dev),
-              *compile_flag]
+    common = ['--data', data, '--batch', str(B), '--tick', kimg(1), '--precision', 'bf16', '--device', str(dev)]
     pre_dir, dis_dir = os.path.join(root, 'pretrain'), os.path.join(root, 'distill')
-    out = dict(batch=B, steps=n1, resume_to=n2, compile=not a.no_compile, precision='bf16', preset=a.preset)
-    if a.no_compile:
-        out['compile_note'] = a.no_compile
+    out = dict(batch=B, steps=n1, resume_to=n2, precision='bf16', preset=a.preset)
     timed = {}
 
     def run(name, main, args):
@@ -588,7 +612,7 @@ def bench_correctness(a, dev, ctx, part):
     sec = ctx.setdefault('correctness', {})
     if part == 'numerics':
         sec['numerics'] = guarded('correctness numerics', check_numerics, a, dev, ctx)
-    elif over_budget(a, 240 if not a.no_compile else 30):
+    elif over_budget(a, 60):
         sec['end_to_end'] = dict(skipped=f'time budget ({a.budget:.0f} s)')
     else:
         sec['end_to_end'] = guarded('correctness end-to-end', check_end_to_end, a, dev, ctx)
@@ -617,7 +641,8 @@ def rows_of_phase(sec, title, extra):
         if 'img_s' in r:
             text = (f'{r["img_s"]:.1f} img/s, {r["step_ms"]:.1f} ms/step, {r["mem_gib"]:.2f} GiB, '
                     f'{num(r.get("tflops"), ".1f")} TFLOP/s ({num(100 * (r.get("frac_bf16_ceiling") or 0), ".1f")}% of bf16)'
-                    + (f', compile {r["compile_s"]:.0f} s' if 'compile_s' in r else '') + extra(r))
+                    + (f', compile {r["compile_s"]:.0f} s' if 'compile_s' in r else '')
+                    + (f', {r["device"]} busy {100 * r["busy"]:.0f}%' if 'busy' in r else '') + extra(r))
             text += f'; ERROR {r["error"]}' if 'error' in r else ''
         else:
             text = f'ERROR {r["error"]}' if 'error' in r else f'skipped: {r.get("skipped")}'
@@ -657,7 +682,7 @@ def correctness_rows(c):
         if 'error' in e or 'skipped' in e:
             text = f'ERROR {e["error"]}' if 'error' in e else f'skipped: {e["skipped"]}'
         else:
-            text = (f'{e["steps"]} steps of {e["batch"]} bf16{" + compile" if e["compile"] else ""}: pretrain '
+            text = (f'{e["steps"]} steps of {e["batch"]} bf16: pretrain '
                     f'{e["pretrain"]["ok"]}, distill {e["distill"]["ok"]}, sample.py {e["sample"]["ok"]}, resume to '
                     f'{e["resume_to"]}: {e["pretrain_resume"]["ok"]} / {e["distill_resume"]["ok"]}; '
                     + ', '.join(f'{k} {v:.0f} s' for k, v in e['seconds'].items()))
@@ -743,6 +768,19 @@ def main(argv=None):
         torch.set_num_threads(threads)
 
 
+def save(a, res):
+    """The results so far, without the working data, rows in table order, written to bench_gpu.json."""
+    out = dict(args=res['args'], **{k: copy.copy(res[k]) for k in SECTIONS if k in res}, wall_s=time.time() - T0)
+    for sec in ('phase1', 'phase2'):
+        if isinstance(out.get(sec), dict) and 'rows' in out[sec]:
+            order = [p[0] for p in PRECISIONS]
+            out[sec] = {k: v for k, v in out[sec].items() if k != 'name'}
+            out[sec]['rows'] = sorted(out[sec]['rows'], key=lambda r: (r['batch'], order.index(r['precision'])))
+    with open(os.path.join(a.out, 'bench_gpu.json'), 'w') as fh:
+        json.dump(out, fh, indent=1, default=str)
+    return out
+
+
 def run(a, dev):
     log(f'bench_gpu on {dev}, preset {a.preset}, batches {a.batches}, {a.steps} timed steps, budget {a.budget:.0f} s, '
         f'out {a.out}')
@@ -763,24 +801,16 @@ def run(a, dev):
         if name not in a.only:
             res.setdefault(name, dict(skipped='not in --only'))
             continue
-        out = job()
-        res[name] = out
+        res[name] = job()
         free(dev)
-    res.pop('data', None)
-    res = dict(args=res['args'], **{k: res[k] for k in SECTIONS if k in res}, wall_s=time.time() - T0)
-    for sec in ('phase1', 'phase2'):
-        if isinstance(res.get(sec), dict):
-            res[sec].pop('name', None)
-            order = [p[0] for p in PRECISIONS]
-            res[sec].get('rows', []).sort(key=lambda r: (r['batch'], order.index(r['precision'])))
-    with open(os.path.join(a.out, 'bench_gpu.json'), 'w') as fh:
-        json.dump(res, fh, indent=1, default=str)
-    text, md = render(table_rows(res))
+        save(a, res)                    # after every job: a run killed from outside keeps what it measured
+    results = save(a, res)
+    text, md = render(table_rows(results))
     print('\n' + text, flush=True)
     with open(os.path.join(a.out, 'bench_gpu.md'), 'w') as fh:
         fh.write(f'# bench_gpu ({res["device"].get("name", dev)}, {time.strftime("%Y-%m-%d %H:%M")})\n\n{md}\n')
     log(f'wrote {os.path.join(a.out, "bench_gpu.json")} and bench_gpu.md')
-    return res
+    return results
 
 
 if __name__ == '__main__':
