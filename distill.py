@@ -170,7 +170,8 @@ def resolve(args):
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
         die(f'--teacher {path}: a {teacher.get("kind")} checkpoint; distillation needs a teacher from pretrain.py')
-    scale = teacher.get('config', {}).get('data_scale', 1.0)   # points: data units per model unit (noisy_dataset)
+    tcfg, net = teacher.get('config', {}), teacher['net']
+    scale = tcfg.get('data_scale', 1.0)                 # points: data units per model unit (noisy_dataset)
     sigma_n = teacher['sigma_n'] if args.sigma is None else args.sigma / scale
     if abs(sigma_n - teacher['sigma_n']) > 1e-9:
         print0(f'warning: --sigma {args.sigma:g} is not the teacher\'s sigma_n {teacher["sigma_n"] * scale:g} (mis-specified)')
@@ -180,8 +181,7 @@ def resolve(args):
             f'must use the same loss (add --force-loss to override)')
     if args.fake_sigma and loss != 'ambient':
         die(f'--fake-sigma {args.fake_sigma}: only --loss ambient clamps sigma (this run\'s loss is {loss}); drop it')
-    net = teacher['net']
-    preset = teacher.get('config', {}).get('preset') or ('toy' if net.get('arch') == 'mlp' else 'tiny'
+    preset = tcfg.get('preset') or ('toy' if net.get('arch') == 'mlp' else 'tiny'
         if net['img_resolution'] <= 16 else 'cifar10' if net['img_resolution'] <= 32 else 'ffhq64')
     recipe = dict(RECIPES.get(preset, RECIPES['cifar10']))
     recipe.update({k: getattr(args, k) for k in recipe if getattr(args, k) is not None})   # flags over the recipe
@@ -190,12 +190,12 @@ def resolve(args):
     data = teacher.get('data', args.data) if args.data == 'cifar10' and args.teacher else args.data
     name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
     if args.augment is None:                  # SiD: the fake net augments as the teacher did
-        recipe['augment'] = teacher.get('config', {}).get('augment', recipe['augment'] or 0.0) if net['augment_dim'] else 0
+        recipe['augment'] = tcfg.get('augment', recipe['augment'] or 0.0) if net['augment_dim'] else 0
     elif args.augment and not net['augment_dim']:
         die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
     recipe['dropout'] = net['dropout'] if recipe['dropout'] is None else recipe['dropout']
     cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), data_scale=scale,
-               data_shift=teacher.get('config', {}).get('data_shift', 0.0), loss=loss, method=args.method,
+               data_shift=tcfg.get('data_shift', 0.0), loss=loss, method=args.method,
                tmax=args.tmax, sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min,
                lsg=args.lsg, seed=args.seed, precision=args.precision, features=features, ref=args.ref, preset=preset,
                **recipe, outdir=args.outdir or os.path.join('runs', f'distill-{name}-sigma{sigma_n * scale:g}'))
