@@ -225,8 +225,9 @@ def run_configs(a, dev, section, compiled, make_step, est_s, per_img_flops, ceil
                 steps = max(2, a.steps // 2) if batch > a.batches[0] and name == 'fp32' else a.steps
                 step, warmup = make_step(batch, dtype, comp), 3 if comp else 2
                 first, dt, outs = time_steps(step, dev, warmup, steps)
-                row.update(device='GPU' if dev.type == 'cuda' else 'CPU', steps=steps, step_ms=dt * 1e3, img_s=batch / dt, first_step_s=first,
-                           mem_gib=pretrain.memory_gb(dev), loss=float(np.mean([o for o in outs])))
+                row.update(device='GPU' if dev.type == 'cuda' else 'CPU', steps=steps, step_ms=dt * 1e3,
+                           img_s=batch / dt, first_step_s=first, mem_gib=pretrain.memory_gb(dev),
+                           loss=float(np.mean([o for o in outs])))
                 if comp:
                     row.update(compile_s=max(first - dt, 0.0), graphs=compiled_graphs() - graphs0)
                     if row['graphs'] == 0:
@@ -572,7 +573,6 @@ def end_to_end_in(a, dev, root):
     timed = {}
 
     def run(name, main, args):
-        reset_compiler()
         t = time.perf_counter()
         main(args)
         timed[name] = time.perf_counter() - t
