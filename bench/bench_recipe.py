@@ -227,6 +227,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'glr-end-quarter': [(t, dict(COS88, **{'--glr-end': '0.25'}, **d)) for t, d in SEED01],   # between FS2_88 and COS88
     'points-x0': [(TOY_X0, TOY_DIST)],   # today's toy
     'points-cosine': [(TOY_X0, TOY_DIST), (TOY_X0, dict(TOY_DIST, **{'--glr-end': '0'}))],   # tiny's cosine on points
+    'points-modes': [(TOY_X0, dict(TOY_DIST, **d)) for d in ({'--sigma-init': '1.0'}, {'--kimg': '4096'})],   # gaussians
 }
 
 
