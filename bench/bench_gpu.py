@@ -769,15 +769,18 @@ def main(argv=None):
 
 
 def save(a, res):
-    """The results so far, without the working data, rows in table order, written to bench_gpu.json."""
-    out = dict(args=res['args'], **{k: copy.copy(res[k]) for k in SECTIONS if k in res}, wall_s=time.time() - T0)
+    """The results so far, without the working data, rows in table order, written to bench_gpu.json (atomically: a
+    run killed mid-write keeps the last whole file)."""
+    out = dict(args=res['args'], **{k: res[k] for k in SECTIONS if k in res}, wall_s=time.time() - T0)
+    order = [p[0] for p in PRECISIONS]
     for sec in ('phase1', 'phase2'):
         if isinstance(out.get(sec), dict) and 'rows' in out[sec]:
-            order = [p[0] for p in PRECISIONS]
             out[sec] = {k: v for k, v in out[sec].items() if k != 'name'}
             out[sec]['rows'] = sorted(out[sec]['rows'], key=lambda r: (r['batch'], order.index(r['precision'])))
-    with open(os.path.join(a.out, 'bench_gpu.json'), 'w') as fh:
+    path = os.path.join(a.out, 'bench_gpu.json')
+    with open(path + '.tmp', 'w') as fh:
         json.dump(out, fh, indent=1, default=str)
+    os.replace(path + '.tmp', path)
     return out
 
 
