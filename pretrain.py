@@ -171,20 +171,20 @@ def load_data(data, data_dir=None):
         u8 = load_images(data).transpose(0, 3, 1, 2)
     elif os.path.isfile(data) and data.endswith(('.npy', '.npz')):
         arr = load_array(data)
+        if arr.dtype.kind == 'f' and not np.isfinite(arr).all():
+            die(f'--data {data}: holds NaN or inf values; drop or repair those items')
         if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3):
             u8 = arr.transpose(0, 3, 1, 2)                  # uint8 NHWC images
-        elif arr.dtype.kind == 'f' and arr.ndim == 2:
+        elif arr.dtype.kind in 'iuf' and arr.ndim == 2:     # points, integer coordinates too
             return arr.astype(np.float32), dict(name=name, kind='points')
         elif arr.dtype.kind == 'f' and arr.ndim == 4 and arr.shape[2] == arr.shape[3]:
             return arr.astype(np.float32), dict(name=name, kind='images')   # float NCHW, model units
         else:
-            die(f'{data}: expected uint8 NHWC square images, float (N, D) points or float NCHW images; '
+            die(f'{data}: expected uint8 NHWC square images, (N, D) points or float NCHW images; '
                 f'got {arr.dtype} {arr.shape}')
-    elif not os.path.exists(data):
-        die(f'--data {data}: no such file or folder; use cifar10, toy, shapes, an image folder, a .zip, '
-            'or a .npy/.npz array')
     else:
-        die(f'--data {data}: unsupported file type; use an image folder, a .zip, or a .npy/.npz array')
+        die(f'--data {data}: {"unsupported file type" if os.path.exists(data) else "no such file or folder"}; use '
+            'cifar10, toy, shapes, an image folder, a .zip, or a .npy/.npz array')
     if u8.shape[2] != u8.shape[3]:
         die(f'--data {data}: images are {u8.shape[3]}x{u8.shape[2]}; they must be square (crop or resize them, '
             "e.g. with EDM's dataset_tool.py)")

@@ -130,7 +130,8 @@ def grid_image(images_u8):
 
 
 def scatter(points, size=320, lim=1.9, background=None, colour=(30, 90, 200), title=None):
-    """A 2-D point cloud as a Pillow image (the first two coordinates), on [-lim, lim]^2."""
+    """Points as a Pillow image on [-lim, lim]^2: the first two coordinates (1-D points: against their index)."""
+    points = np.asarray(points) if np.shape(points)[1] > 1 else np.c_[points, np.linspace(lim, -lim, len(points))]
     img = Image.new('RGB', (size, size), 'white')
     draw = ImageDraw.Draw(img)
     to_px = lambda p: ((p[:, 0] + lim) / (2 * lim) * (size - 1), (lim - p[:, 1]) / (2 * lim) * (size - 1))
@@ -139,7 +140,7 @@ def scatter(points, size=320, lim=1.9, background=None, colour=(30, 90, 200), ti
         px, py = to_px(bg)
         for i in np.flatnonzero(np.hypot(*(bg[1:] - bg[:-1]).T) < 0.05):
             draw.line((px[i], py[i], px[i + 1], py[i + 1]), fill=(190, 190, 190), width=6)
-    for x, y in zip(*to_px(np.asarray(points))):
+    for x, y in zip(*to_px(points)):
         draw.rectangle((x - 1, y - 1, x + 1, y + 1), fill=colour)
     draw.rectangle((0, 0, size - 1, size - 1), outline=(120, 120, 120))
     if title:

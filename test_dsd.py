@@ -116,6 +116,17 @@ def test_data_formats_and_bad_data(tmp_path):
     assert np.allclose(xn, imgs.transpose(0, 3, 1, 2) / 127.5 - 1, atol=1e-6)
     np.savez(tmp_path / 'pts.npz', pts=g.normal(size=(10, 3)))
     assert pretrain.load_data(str(tmp_path / 'pts.npz'))[1]['kind'] == 'points'
+    np.save(tmp_path / 'ints.npy', np.arange(20).reshape(10, 2))                 # integer coordinates are points
+    ints, info = pretrain.load_data(str(tmp_path / 'ints.npy'))
+    assert info['kind'] == 'points' and ints.dtype == np.float32 and ints[9, 1] == 19
+    np.save(tmp_path / 'nan.npy', np.where(np.arange(20).reshape(10, 2) == 7, np.nan, 0.0))
+    with pytest.raises(SystemExit, match='nan.npy: holds NaN or inf'):
+        pretrain.load_data(str(tmp_path / 'nan.npy'))
+    np.save(tmp_path / 'line.npy', g.normal(size=(300, 1)).astype(np.float32))   # 1-D points train, previews drawn
+    pretrain.main(['--data', str(tmp_path / 'line.npy'), '--kimg', '0.05', '--batch', '16', '--device', 'cpu',
+                   '--outdir', str(tmp_path / 'line')])
+    dots = np.asarray(sample.scatter(np.array([[0.0], [0.0], [0.0]])))[1:-1, 1:-1].min(2) < 100   # blue dots
+    assert dots.any(0).sum() <= 3 and np.ptp(np.flatnonzero(dots.any(1))) > 300  # one column, top to bottom
 
     (tmp_path / 'wide').mkdir()
     for i in range(2):
