@@ -120,8 +120,7 @@ def grid_image(images_u8):
     (nearest neighbour, at least 64 px a side) so that a person can see them."""
     n, h, w, c = images_u8.shape
     cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    grid = np.full((-(-n // cols) * h, cols * w, c), 255, np.uint8)
     for k in range(n):
         grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = images_u8[k]
     scale = max(1, -(-64 // h))
@@ -175,8 +174,7 @@ def write_samples(out, seeds, x):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='DSD sampling (Algorithm 3): teachers (Ambient-Full / Ambient-'
-                                            'Truncated) and one-step generators.')
+    p = argparse.ArgumentParser(description='Algorithm 3: Ambient-Full/-Truncated teacher samples, one-step generators.')
     p.add_argument('--net', required=True, help='a teacher (pretrain.py) or generator (distill.py) checkpoint')
     p.add_argument('--mode', choices=['full', 'truncated'], default=None,
                    help='teachers: full = Heun to sigma 0 (Ambient-Full); truncated = stop at sigma_n and return '
@@ -198,6 +196,8 @@ def main(argv=None):
         torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
     if args.mode and ckpt['kind'] == 'generator':
         die(f'--mode {args.mode}: {args.net} is a one-step generator; --mode applies to teachers')
+    if ckpt['net'].get('arch') == 'mlp' and args.out and not args.out.endswith('.npz'):
+        die(f'--out {args.out}: points are written to a FILE.npz (PNG folders are for images)')
     if args.dry_run:
         print0(dict(net=args.net, kind=ckpt['kind'], sigma_n=ckpt.get('sigma_n'), mode=args.mode or
                     ('one-step' if ckpt['kind'] == 'generator' else 'truncated'), steps=args.steps or

@@ -1162,6 +1162,7 @@ def test_sample_cli_writes_pngs_npz_and_refuses_bad_input(tmp_path):
     _run('sample.py', '--net', toy, '--seeds', '0-9', '--out', str(tmp_path / 'p.npz'), cwd=tmp_path)
     pts = np.load(tmp_path / 'p.npz')['samples']
     assert pts.dtype == np.float32 and pts.shape == (10, 2)
+    _one_line_error(_run('sample.py', '--net', toy, '--out', str(tmp_path / 'pts'), cwd=tmp_path), 'a FILE.npz')
     _one_line_error(_run('sample.py', '--net', gen, '--seeds', '9-2', cwd=tmp_path), '--seeds')
     _one_line_error(_run('sample.py', '--net', gen, '--steps', '-3', cwd=tmp_path), '--steps -3: each must be >= 1')
     _one_line_error(_run('sample.py', '--net', str(tmp_path / 'nope.pt'), cwd=tmp_path), 'nope.pt')
