@@ -228,6 +228,11 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'points-x0': [(TOY_X0, TOY_DIST)],   # today's toy
     'points-cosine': [(TOY_X0, TOY_DIST), (TOY_X0, dict(TOY_DIST, **{'--glr-end': '0'}))],   # tiny's cosine on points
     'points-modes': [(TOY_X0, dict(TOY_DIST, **d)) for d in ({'--sigma-init': '1.0'}, {'--kimg': '4096'})],   # gaussians
+    'points-tmax': [(TOY_X0, dict(TOY_DIST, **d)) for d in ({}, *({'--tmax': t} for t in ('350', '450', '600')))],
+    'points-tmax-seed-1': [(dict(TOY_X0, **{'--seed': '1'}), dict(TOY_DIST, **{'--seed': '1'}, **d))
+                           for d in ({}, {'--tmax': '450'})],
+    'points-seed-checks': [(dict(TOY_X0, **{'--seed': '1'}), dict(TOY_DIST, **{'--seed': '1', '--glr-end': '0'})),
+                           (dict(TOY_X0, **{'--seed': '2'}), dict(TOY_DIST, **{'--seed': '2'}))],   # seed 1's drift
 }
 
 
