@@ -175,7 +175,7 @@ def load_data(data, data_dir=None):
             die(f'--data {data}: holds NaN or inf values; drop or repair those items')
         if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3):
             u8 = arr.transpose(0, 3, 1, 2)                  # uint8 NHWC images
-        elif arr.dtype.kind in 'iuf' and arr.ndim == 2:     # points, integer coordinates too
+        elif arr.dtype.kind in 'if' and arr.ndim == 2:      # points; uint8 rows are likely flattened images
             return arr.astype(np.float32), dict(name=name, kind='points')
         elif arr.dtype.kind == 'f' and arr.ndim == 4 and arr.shape[2] == arr.shape[3]:
             return arr.astype(np.float32), dict(name=name, kind='images')   # float NCHW, model units

@@ -119,6 +119,9 @@ def test_data_formats_and_bad_data(tmp_path):
     np.save(tmp_path / 'ints.npy', np.arange(20).reshape(10, 2))                 # integer coordinates are points
     ints, info = pretrain.load_data(str(tmp_path / 'ints.npy'))
     assert info['kind'] == 'points' and ints.dtype == np.float32 and ints[9, 1] == 19
+    np.save(tmp_path / 'flat.npy', np.zeros((10, 64), np.uint8))                  # flattened uint8 images: refused
+    with pytest.raises(SystemExit, match='expected uint8 NHWC square images'):
+        pretrain.load_data(str(tmp_path / 'flat.npy'))
     np.save(tmp_path / 'nan.npy', np.where(np.arange(20).reshape(10, 2) == 7, np.nan, 0.0))
     with pytest.raises(SystemExit, match='nan.npy: holds NaN or inf'):
         pretrain.load_data(str(tmp_path / 'nan.npy'))
