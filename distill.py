@@ -46,7 +46,7 @@ RECIPES = {
     'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=88, ema_rampup=0.5, tick=1, snap=4,
                  fid_num=2000, dropout=None, augment=None, fake_sigma='above', fake_steps=2, glr_end=0.0),
     'toy': dict(_SID, lr=5e-5, glr=5e-5, sigma_init=0.5, batch=256, kimg=2048, ema_rampup=0.25, tick=32, snap=128,
-                fid_num=2000, dropout=None, augment=None),
+                fid_num=10000, dropout=None, augment=None),
 }
 
 

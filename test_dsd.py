@@ -1873,6 +1873,24 @@ def test_bench_recipe_smoke(tmp_path):
     _one_line_error(bad, r'--fresh .*none\.npy: needs an existing \.npy of clean images \(N, 3, H, W\)')
 
 
+def test_bench_snapshots_smoke(tmp_path):
+    """bench/bench_snapshots.py at tiny budgets: every snapshot is kept and scored; its Proximal FD on the first
+    draw of seeds is the one distill.py recorded for that snapshot, and each 'picks' line names the snapshot where
+    its column is lowest."""
+    r = _run('bench/bench_snapshots.py', '--quick', '--set', 'clusters', '--num', '100', '--draws', '2',
+             '--out', tmp_path / 'b', cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [[float(v) for v in re.findall(r' (-?[\d.]+)(?=\s|$)', line)] for line in r.stdout.splitlines()
+            if line.strip().endswith(tuple('0123456789')) and ' kimg  prox 0-99 ' in line]
+    recorded = [json.loads(line) for line in open(tmp_path / 'b' / 'clusters-seed0-distill' / 'metrics.jsonl')]
+    assert [row[0] for row in rows] == [m['kimg'] for m in recorded] and len(rows) == 4, r.stdout
+    for row, m in zip(rows, recorded):        # kimg, prox 0-99, prox 100-199, prox 0-499, FD to clean
+        assert row[1] == pytest.approx(m['proximal_fd'], abs=1e-3) and row[2] != row[1], (row, m)
+        assert len(row) == 5 and all(math.isfinite(v) and v > 0 for v in row[1:]), row
+    picks = re.findall(r'^(prox \S+|FD to clean) +picks +([\d.]+) kimg', r.stdout, re.M)
+    assert [float(k) for _, k in picks] == [min(rows, key=lambda x: x[i])[0] for i in range(1, 5)], (picks, rows)
+
+
 def test_bench_spectrum_sees_blur_and_grain():
     """bench_spectrum.describe: a set against itself is exact (FD 0, every ratio 1), a second draw of the same
     distribution is near 1, a 2x2 box blur loses the finest band (periods 2-2.67 px) and grain adds to it."""
