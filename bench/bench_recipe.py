@@ -233,6 +233,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
                            for d in ({}, {'--tmax': '450'})],
     'points-seed-checks': [(dict(TOY_X0, **{'--seed': '1'}), dict(TOY_DIST, **{'--seed': '1', '--glr-end': '0'})),
                            (dict(TOY_X0, **{'--seed': '2'}), dict(TOY_DIST, **{'--seed': '2'}))],   # seed 1's drift
+    'points-gen-sigma-min': [(dict(TOY_X0, **t), dict(TOY_DIST, **{'--gen-sigma-min': ''}, **d))   # generator's sigma
+                             for t, d in (({}, {}), ({'--seed': '1'}, {'--seed': '1'}))],           # >= sigma_n only
 }
 
 
