@@ -8,7 +8,8 @@ clean set (what bench_recipe.py's tables report). It prints one row per snapshot
     python bench/bench_snapshots.py --set curves --seed 1      # about 6 minutes on one core
     python bench/bench_snapshots.py --set smooth               # images: the tiny recipes, about 30 minutes
 
-Runs go under --out (default runs/bench-snapshots); a finished teacher or distillation is reused.
+Runs go under --out (default runs/bench-snapshots); a finished teacher or distillation is reused, an interrupted
+distillation resumes.
 """
 import argparse
 import glob
@@ -49,10 +50,13 @@ def main(argv=None):
     br.script('pretrain.py', teacher_dir, '--data', data, '--sigma', str(br.SIGMA), '--device', 'cpu', '--seed', a.seed,
               *quick_t)
     teacher = os.path.join(teacher_dir, 'latest.pt')
-    if not os.path.isfile(os.path.join(out, 'latest.pt')):
+    finished = os.path.join(out, 'finished')
+    if not os.path.isfile(finished):                    # an interrupted distillation resumes from its last snapshot
         distill.write_snapshot = keep_every_snapshot
+        resume = ['--resume'] if os.path.isfile(os.path.join(out, 'latest.pt')) else []
         distill.main(['--data', data, '--teacher', teacher, '--device', 'cpu', '--seed', a.seed, '--outdir', out,
-                      *quick_d])
+                      *resume, *quick_d])
+        open(finished, 'w').close()
 
     noisy = fid.noisy_reference(torch.load(teacher, weights_only=True), data, None, 'pixel', 'cpu')
     spec = dict(set=a.set, fresh=fresh_path)
