@@ -5,8 +5,10 @@ On one set that bench_recipe.py makes, this trains the teacher and distills it a
 --num samples on --draws disjoint sets of seeds and once at 5x --num, against the FD of its samples to the fresh
 clean set (what bench_recipe.py's tables report). It prints one row per snapshot and what each score would pick.
 
-    python bench/bench_snapshots.py --set curves --seed 1      # about 6 minutes on one core
-    python bench/bench_snapshots.py --set smooth               # images: the tiny recipes, about 30 minutes
+    python bench/bench_snapshots.py --set curves --seed 1      # about 7 minutes on one core
+    python bench/bench_snapshots.py --set smooth               # images, the tiny recipes: not run yet (teacher and
+                                                               # distillation: 26 minutes on one core at README's
+                                                               # Benchmarks speed)
 
 Runs go under --out (default runs/bench-snapshots); a finished teacher or distillation is reused, an interrupted
 distillation resumes.
@@ -70,7 +72,8 @@ def main(argv=None):
             net, ckpt, list(range(lo, hi)), 'pixel', 'cpu', corrupt=ckpt['sigma_n'])), *noisy) for lo, hi in counts]
         clean = br.distances(br.samples(spec, path, len(fresh)), fresh, support)['fd']
         rows.append((ckpt['kimg'], *prox, clean))
-        print(f'{ckpt["kimg"]:9.3f} kimg  ' + '  '.join(f'{h} {v:8.3f}' for h, v in zip(heads, rows[-1][1:])), flush=True)
+        print(f'{ckpt["kimg"]:9.3f} kimg  ' + '  '.join(f'{h} {v:8.3f}' for h, v in zip(heads, rows[-1][1:])),
+              flush=True)
     print(f'\n{a.set}, seed {a.seed}: the snapshot each score picks, and its FD to clean (the last: '
           f'{rows[-1][-1]:.3f} at {rows[-1][0]:g} kimg)')
     for i, h in enumerate(heads):
