@@ -430,10 +430,10 @@ def noisy_reference(teacher_ckpt, data, data_dir, kind, device, inception=None):
         die(f'--data {data}: shape {y.shape[1:]} does not match the teacher\'s {sample_shape(teacher_ckpt["net"])}')
     return stats_of(sample_features(y, kind, device, inception))
 
-def proximal(net, ckpt, noisy_stats, num, kind='inception', device='cpu', inception=None):
-    """Proximal FID (Sec. 4.4): corrupt `num` generated samples with the generator's sigma_n as the data was
-    corrupted, then the Frechet distance to the statistics of the noisy training set. Needs no clean data."""
-    feats = generated_features(net, ckpt, list(range(num)), kind, device, inception, corrupt=ckpt['sigma_n'])
+def proximal(net, ckpt, noisy_stats, num, kind='inception', device='cpu', inception=None, first=0):
+    """Proximal FID (Sec. 4.4): corrupt `num` generated samples (seeds first, first + 1, ...) with the generator's
+    sigma_n as the data was corrupted, then the Frechet distance to the statistics of the noisy training set."""
+    feats = generated_features(net, ckpt, list(range(first, first + num)), kind, device, inception, corrupt=ckpt['sigma_n'])
     return frechet_distance(*stats_of(feats), *noisy_stats)
 
 def curve_distance(points, curve):

@@ -68,8 +68,7 @@ def main(argv=None):
     rows = []
     for path in sorted(glob.glob(os.path.join(out, 'snap-*.pt'))):
         net, ckpt = sample.load_net(path, 'cpu')
-        prox = [fid.frechet_distance(*fid.stats_of(fid.generated_features(
-            net, ckpt, list(range(lo, hi)), 'pixel', 'cpu', corrupt=ckpt['sigma_n'])), *noisy) for lo, hi in counts]
+        prox = [fid.proximal(net, ckpt, noisy, hi - lo, 'pixel', first=lo) for lo, hi in counts]   # as distill.py
         clean = br.distances(br.samples(spec, path, len(fresh)), fresh, support)['fd']
         rows.append((ckpt['kimg'], *prox, clean))
         print(f'{ckpt["kimg"]:9.3f} kimg  ' + '  '.join(f'{h} {v:8.3f}' for h, v in zip(heads, rows[-1][1:])),
