@@ -6,9 +6,8 @@ On one set that bench_recipe.py makes, this trains the teacher and distills it a
 clean set (what bench_recipe.py's tables report). It prints one row per snapshot and what each score would pick.
 
     python bench/bench_snapshots.py --set curves --seed 1      # about 7 minutes on one core
-    python bench/bench_snapshots.py --set smooth               # images, the tiny recipes: not run yet (teacher and
-                                                               # distillation: 26 minutes on one core at README's
-                                                               # Benchmarks speed)
+    python bench/bench_snapshots.py --set smooth               # images, the tiny recipes: 80 minutes on one core
+                                                               # of a slow day (2.5x Benchmarks' times)
 
 Runs go under --out (default runs/bench-snapshots); a finished teacher or distillation is reused, an interrupted
 distillation resumes.
