@@ -41,15 +41,16 @@ def main(argv=None):
     p.add_argument('--draws', type=int, default=3, help='disjoint sets of seeds Proximal FD is computed on')
     p.add_argument('--out', default=os.path.join('runs', 'bench-snapshots'))
     p.add_argument('--quick', action='store_true', help='a smoke test: tiny sets and budgets')
+    p.add_argument('--threads', type=int, default=1, help='CPU threads (1: two runs can share 2 cores)')
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     data, fresh_path = br.write_set(a.set, a.out, 300 if a.quick else 20000, 200 if a.quick else 2000)
     quick_t, quick_d = (['--kimg', '0.5', '--tick', '0.25'], ['--kimg', '0.128', '--snap', '0.032', '--tick', '0.032',
                          '--fid-num', '100', '--batch', '32']) if a.quick else ([], [])
     teacher_dir, out = (os.path.join(a.out, f'{a.set}-seed{a.seed}-{k}') for k in ('teacher', 'distill'))
     br.script('pretrain.py', teacher_dir, '--data', data, '--sigma', str(br.SIGMA), '--device', 'cpu', '--seed', a.seed,
-              *quick_t)
+              *quick_t, threads=a.threads)
     teacher = os.path.join(teacher_dir, 'latest.pt')
     finished = os.path.join(out, 'finished')
     if not os.path.isfile(finished):                    # an interrupted distillation resumes from its last snapshot
