@@ -1849,6 +1849,8 @@ def test_bench_recipe_smoke(tmp_path):
     perfect, noisy = res['best']['perfect'], res['best']['noisy']
     assert perfect['support'] < 0.4 * noisy['support'] and perfect['fd'] < 0.5 * noisy['fd'], res
     assert 'perfect teacher' in r.stdout
+    stop = res['best']['perfect_stop']      # ... at the level the 18-step sampler stops at, 0.296 > sigma_n: blurrier
+    assert stop['level'] == pytest.approx(0.2964, abs=1e-4) and stop['support'] > perfect['support'], res
     # --stretch / --move: the same point set 4x larger and moved trains in other units and scores in the set's own
     for extra in ((), ('--stretch', '4', '--move', '10')):
         r = _run('bench/bench_recipe.py', '--quick', '--sets', 'gaussians', '--out', tmp_path / 'b', *extra, cwd=tmp_path)
@@ -1857,6 +1859,8 @@ def test_bench_recipe_smoke(tmp_path):
                           for m in ('', '-x4+10'))
     for row in ('floor', 'noisy'):                      # the same points and noise, mapped back: the same distances
         assert moved['best'][row]['fd'] == pytest.approx(plain['best'][row]['fd'], rel=1e-3), (row, plain, moved)
+    for m in (plain, moved):                            # the stopping level in the set's units: 0.1395 x 2 (halved)
+        assert m['best']['perfect_stop']['level'] == pytest.approx(0.279, abs=1e-3), m
     for row in ('full', 'truncated', 'dsd'):            # samples mapped back to the set's own units, not 4x and 10 off
         assert moved['best'][row]['support'] < 2 * plain['best'][row]['support'], (row, plain, moved)
     t = torch.load(next((tmp_path / 'b').glob('gaussians-x4+10-teacher-*')) / 'latest.pt', weights_only=True)

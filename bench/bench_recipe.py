@@ -228,6 +228,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'points-x0': [(TOY_X0, TOY_DIST)],   # today's toy
     'points-cosine': [(TOY_X0, TOY_DIST), (TOY_X0, dict(TOY_DIST, **{'--glr-end': '0'}))],   # tiny's cosine on points
     'points-modes': [(TOY_X0, dict(TOY_DIST, **d)) for d in ({'--sigma-init': '1.0'}, {'--kimg': '4096'})],   # gaussians
+    'points-lr': [(TOY_X0, dict(TOY_DIST, **{'--lr': '1e-4', '--glr': '1e-4'}))],   # both nets 2x faster
+    'points-glr': [(TOY_X0, dict(TOY_DIST, **{'--glr': '1e-4'}))],                    # the generator alone
     'points-tmax': [(TOY_X0, dict(TOY_DIST, **d)) for d in ({}, *({'--tmax': t} for t in ('350', '450', '600')))],
     'points-tmax-seed-1': [(dict(TOY_X0, **{'--seed': '1'}), dict(TOY_DIST, **{'--seed': '1'}, **d))
                            for d in ({}, {'--tmax': '450'})],
@@ -250,11 +252,11 @@ def distances(x, fresh, support):
     return dict(fd=fd)
 
 
-def posterior_mean(y, support):
-    """E[x0 | y] for y = x0 + sigma_n eps, with a dense clean sample as the law of x0 (points only). On the noisy
+def posterior_mean(y, support, sigma=SIGMA):
+    """E[x0 | y] for y = x0 + sigma eps, with a dense clean sample as the law of x0 (points only). On the noisy
     data this is what Ambient-Truncated would output with a perfect teacher: the best a sigma_n-denoiser can do."""
     d2 = (y ** 2).sum(1)[:, None] + (support ** 2).sum(1)[None] - 2 * y @ support.T
-    w = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2 * SIGMA ** 2))
+    w = np.exp(-(d2 - d2.min(1, keepdims=True)) / (2 * sigma ** 2))
     return (w @ support / w.sum(1, keepdims=True)).astype(np.float32)
 
 
@@ -334,6 +336,25 @@ def floor(spec):
     return ev['floor']
 
 
+def perfect_at_stop(spec):
+    """What a perfect teacher's Ambient-Truncated scores with the sampler as it is: Algorithm 3 returns D at the last
+    of its 18 levels >= sigma_n (1.4-1.5x sigma_n here), so E[x0 | x] at that level, on fresh clean points noised to
+    it (points only; once per teacher, its eval.json). Returns (level in the set's units, distances)."""
+    cache = os.path.join(spec['teacher_dir'], 'eval.json')
+    ev = json.load(open(cache))
+    if 'perfect_stop' not in ev:
+        ckpt = torch.load(os.path.join(spec['teacher_dir'], 'latest.pt'), weights_only=True)
+        levels = sample.karras_sigmas(sample.default_steps(ckpt))
+        level = float(levels[levels >= ckpt['sigma_n']].min()) * ckpt['config'].get('data_scale', 1.0)
+        level /= spec.get('stretch', 1.0)
+        fresh, support = references(spec)
+        clean = SETS[spec['set']](len(fresh), 3)
+        y = clean + level * np.random.default_rng(3).standard_normal(clean.shape)
+        ev['perfect_stop'] = dict(level=level, **distances(posterior_mean(y, support, level), fresh, support))
+        json.dump(ev, open(cache, 'w'))
+    return ev['perfect_stop']
+
+
 def pick(n, k):
     """The k training images (of n) that the noisy-data and clean-data rows score."""
     return np.random.default_rng(0).choice(n, min(k, n), replace=False)
@@ -352,6 +373,9 @@ def one(spec):
     if 'floor' not in res['best'] or 'drift' not in res:   # finished runs gain what later versions added
         res['best']['floor'] = floor(spec)
         res.update(spread(os.path.join(spec['dir'], 'metrics.jsonl')))
+        json.dump(res, open(done, 'w'), indent=1)
+    if spec['set'] in POINTS and 'perfect_stop' not in res['best']:
+        res['best']['perfect_stop'] = perfect_at_stop(spec)
         json.dump(res, open(done, 'w'), indent=1)
     if spec['ceiling'] and 'clean' not in res['best']:
         res['best']['clean'] = ceiling(spec)
@@ -412,6 +436,10 @@ def table(results):
         if 'perfect' in rows[0]['best']:
             print('Ambient-Truncated with a perfect teacher (E[x0 | y] on the noisy data): ' +
                   ' / '.join(f'{rows[0]["best"]["perfect"][k]:.3f}' for k in keys))
+        if 'perfect_stop' in rows[0]['best']:
+            p = rows[0]['best']['perfect_stop']
+            print(f'... and at the level where the 18-step sampler stops ({p["level"]:.3f}, E[x0 | x] on clean points '
+                  'noised to it): ' + ' / '.join(f'{p[k]:.3f}' for k in keys))
 
 
 def main(argv=None):
