@@ -339,7 +339,7 @@ def floor(spec):
 def perfect_at_stop(spec):
     """What a perfect teacher's Ambient-Truncated scores with the sampler as it is: Algorithm 3 returns D at the last
     of its 18 levels >= sigma_n (1.4-1.5x sigma_n here), so E[x0 | x] at that level, on fresh clean points noised to
-    it (points only; once per teacher, its eval.json). Returns (level in the set's units, distances)."""
+    it (points only; once per teacher, its eval.json). Returns the distances and the level, in the set's units."""
     cache = os.path.join(spec['teacher_dir'], 'eval.json')
     ev = json.load(open(cache))
     if 'perfect_stop' not in ev:
