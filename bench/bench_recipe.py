@@ -323,26 +323,31 @@ def train_teacher(spec):
                   str(SIGMA * spec.get('stretch', 1)), '--device', 'cpu', *spec['teacher'], threads=spec['threads'])
 
 
-def floor(spec):
-    """The distance of 2,000 of the training set's clean images (the images the noisy set is made of) to the fresh
-    set: what a perfect model scores at this sample size. Scored once per teacher (its eval.json)."""
+def per_teacher(spec, key, compute):
+    """A score kept once per teacher, under key in its eval.json: compute() runs the first time it is asked for."""
     cache = os.path.join(spec['teacher_dir'], 'eval.json')
     ev = json.load(open(cache))
-    if 'floor' not in ev:
+    if key not in ev:
+        ev[key] = compute()
+        json.dump(ev, open(cache, 'w'))
+    return ev[key]
+
+
+def floor(spec):
+    """The distance of 2,000 of the training set's clean images (the images the noisy set is made of) to the fresh
+    set: what a perfect model scores at this sample size. Scored once per teacher."""
+    def score():
         fresh, support = references(spec)
         clean = base(spec, pretrain.load_data(spec['data'])[0])
-        ev['floor'] = distances(clean[pick(len(clean), len(fresh))], fresh, support)
-        json.dump(ev, open(cache, 'w'))
-    return ev['floor']
+        return distances(clean[pick(len(clean), len(fresh))], fresh, support)
+    return per_teacher(spec, 'floor', score)
 
 
 def perfect_at_stop(spec):
     """What a perfect teacher's Ambient-Truncated scores with the sampler as it is: Algorithm 3 returns D at the last
     of its 18 levels >= sigma_n (1.4-1.5x sigma_n here), so E[x0 | x] at that level, on fresh clean points noised to
-    it (points only; once per teacher, its eval.json). Returns the distances and the level, in the set's units."""
-    cache = os.path.join(spec['teacher_dir'], 'eval.json')
-    ev = json.load(open(cache))
-    if 'perfect_stop' not in ev:
+    it (points only; once per teacher). Returns the distances and the level, in the set's units."""
+    def score():
         ckpt = torch.load(os.path.join(spec['teacher_dir'], 'latest.pt'), weights_only=True)
         levels = sample.karras_sigmas(sample.default_steps(ckpt))
         level = float(levels[levels >= ckpt['sigma_n']].min()) * ckpt['config'].get('data_scale', 1.0)
@@ -350,9 +355,8 @@ def perfect_at_stop(spec):
         fresh, support = references(spec)
         clean = SETS[spec['set']](len(fresh), 3)
         y = clean + level * np.random.default_rng(3).standard_normal(clean.shape)
-        ev['perfect_stop'] = dict(level=level, **distances(posterior_mean(y, support, level), fresh, support))
-        json.dump(ev, open(cache, 'w'))
-    return ev['perfect_stop']
+        return dict(level=level, **distances(posterior_mean(y, support, level), fresh, support))
+    return per_teacher(spec, 'perfect_stop', score)
 
 
 def pick(n, k):
