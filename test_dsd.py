@@ -30,7 +30,7 @@ import fid
 import networks
 import pretrain
 import sample
-from bench import bench_spectrum
+from bench import bench_recipe, bench_spectrum
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -1875,6 +1875,18 @@ def test_bench_recipe_smoke(tmp_path):
     assert len(rows) == 2 and all(len(v) == 7 and all(math.isfinite(float(x)) for x in v) for v in rows), r.stdout
     bad = _run('bench/bench_spectrum.py', '--fresh', tmp_path / 'none.npy', run / 'best.pt', cwd=tmp_path)
     _one_line_error(bad, r'--fresh .*none\.npy: needs an existing \.npy of clean images \(N, 3, H, W\)')
+
+
+def test_bench_recipe_grids_parse():
+    """Every row of bench_recipe.GRIDS passes flags that pretrain.py and distill.py accept: a misspelt flag fails
+    here, not an hour into a grid."""
+    flat = lambda flags: [x for k, v in flags.items() for x in (k, v) if x]     # '' marks a switch, as the bench
+    for name, rows in bench_recipe.GRIDS.items():
+        for stage, flags in ((stage, f) for row in rows for stage, f in zip((pretrain, distill), row)):
+            try:
+                stage.parse_args(flat(flags))
+            except SystemExit:
+                pytest.fail(f'--grid {name}: {stage.__name__}.py rejects {flat(flags)}')
 
 
 def test_bench_snapshots_smoke(tmp_path):

@@ -237,6 +237,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
                            (dict(TOY_X0, **{'--seed': '2'}), dict(TOY_DIST, **{'--seed': '2'}))],   # seed 1's drift
     'points-gen-sigma-min': [(dict(TOY_X0, **t), dict(TOY_DIST, **{'--gen-sigma-min': ''}, **d))   # generator's sigma
                              for t, d in (({}, {}), ({'--seed': '1'}, {'--seed': '1'}))],           # >= sigma_n only
+    'bf16': [({'--precision': 'bf16'}, dict(COS88, **{'--precision': 'bf16'}))],   # tiny in bf16 autocast, both stages
     'points-fake': [(TOY_X0, dict(TOY_DIST, **d)) for d in   # alpha 1.0 (AFHQ's), K = 2 in the same time
                     ({}, {'--alpha': '1.0'}, {'--fake-steps': '2', '--kimg': '1408'})],
 }
