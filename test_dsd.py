@@ -1880,13 +1880,13 @@ def test_bench_recipe_smoke(tmp_path):
 def test_bench_recipe_grids_parse():
     """Every row of bench_recipe.GRIDS passes flags that pretrain.py and distill.py accept: a misspelt flag fails
     here, not an hour into a grid."""
-    flat = lambda flags: [x for k, v in flags.items() for x in (k, v) if x]     # '' marks a switch, as the bench
     for name, rows in bench_recipe.GRIDS.items():
-        for stage, flags in ((stage, f) for row in rows for stage, f in zip((pretrain, distill), row)):
-            try:
-                stage.parse_args(flat(flags))
-            except SystemExit:
-                pytest.fail(f'--grid {name}: {stage.__name__}.py rejects {flat(flags)}')
+        for row in rows:
+            for stage, args in zip((pretrain, distill), map(bench_recipe.as_args, row)):
+                try:
+                    stage.parse_args(args)
+                except SystemExit:
+                    pytest.fail(f'--grid {name}: {stage.__name__}.py rejects {args}')
 
 
 def test_bench_snapshots_smoke(tmp_path):

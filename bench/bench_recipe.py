@@ -243,6 +243,11 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
 }
 
 
+def as_args(flags):
+    """A grid row's {flag: value} as command-line arguments ('' marks a switch)."""
+    return [x for k, v in flags.items() for x in (k, v) if x]
+
+
 def distances(x, fresh, support):
     """Distance of samples x to the fresh clean set: the Frechet distance of fid.py's 'pixel' features (pixels for
     images, random Fourier features for points); for points also W2 (1000-point matching) and the mean distance to
@@ -482,8 +487,7 @@ def main(argv=None):
         data, fresh = write_set(name, a.out, 300 if a.quick else a.n, 200 if a.quick else 2000, a.stretch, a.move)
         where = os.path.splitext(os.path.basename(data))[0]                    # the set, stretched and moved
         for teacher, dist in GRIDS[a.grid]:
-            t = [x for k, v in teacher.items() for x in (k, v) if x] + quick_t     # '' marks a switch
-            d = [x for k, v in dist.items() for x in (k, v) if x] + quick_d
+            t, d = as_args(teacher) + quick_t, as_args(dist) + quick_d
             tag = lambda flags: '_'.join(f.strip('-') for f in flags) or 'default'
             specs.append(dict(set=name, data=data, fresh=fresh, teacher=t, distill=d, threads=1 if a.jobs > 1 else 2,
                               ceiling=a.ceiling, stretch=a.stretch, move=a.move,
