@@ -104,10 +104,9 @@ def find_teacher(data, sigma):
     found = sorted(glob.glob(pattern))
     if len(found) == 1:
         return found[0]
-    s = '0.2' if sigma is None else f'{sigma:g}'
     if not found:
-        die(f'no teacher at {pattern}; train one with `python pretrain.py --data {data} --sigma {s}` '
-            f'or pass --teacher PATH')
+        die(f'no teacher at {pattern}; train one with `python pretrain.py --data {data} --sigma '
+            f'{0.2 if sigma is None else sigma:g}` or pass --teacher PATH')
     die(f'several teachers match {pattern} ({", ".join(found)}); pass --sigma or --teacher')
 
 
@@ -165,7 +164,7 @@ def resolve(args):
     check_ranges(args, dict(sigma='>= 0', alpha='>= 0', sigma_init='> 0', tmax='> 0', sigma_min='> 0', lr='> 0',
                             glr='> 0', glr_end='in [0, 1]', gbeta1='in [0, 1)', dropout='in [0, 1)', batch='> 0',
                             augment='in [0, 1]', batch_gpu='> 0', fake_steps='> 0', lsg='> 0', ema='> 0', kimg='> 0',
-                            ema_rampup='>= 0', tick='> 0', snap='> 0', fid_num='>= 0'))
+                            ema_rampup='>= 0', tick='> 0', snap='> 0', fid_num='>= 0', seed='>= 0'))
     path = args.teacher or find_teacher(args.data, args.sigma)
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
@@ -240,13 +239,13 @@ def main(argv=None):
     dtype = torch.bfloat16 if cfg['precision'] == 'bf16' else None
     total, tick, snap = (steps_of(cfg[k], B) for k in ('kimg', 'tick', 'snap'))
 
+    start_run(cfg['outdir'], dict(config=cfg, world=world, batch_gpu=batch_gpu), rank, args.resume)
     # Model selection without clean data (Sec. 4.4): the noisy training set's statistics, computed once, up front.
     refs = dict(inception=None, noisy=None, clean=load_stats(cfg['ref'], cfg['features']) if cfg['ref'] else None)
     if cfg['fid_num'] and cfg['sigma_n'] > 0 and rank == 0:
         refs['inception'] = load_inception(device=device) if cfg['features'] == 'inception' else None
         refs['noisy'] = noisy_reference(teacher_ckpt, cfg['data'], args.data_dir, cfg['features'], device,
                                         refs['inception'])
-    start_run(cfg['outdir'], dict(config=cfg, world=world, batch_gpu=batch_gpu), rank)
     print0(f'distilling {cfg["teacher_path"]} (sigma_n={cfg["sigma_n"]:g}, loss={cfg["loss"]}) with '
            f'D-{method.upper()}: {total} steps of {B} on {world} x {device.type}')
 

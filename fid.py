@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from networks import die, init_distributed, print0
 from pretrain import BUILTIN, builtin_clean, load_data, load_images, make_noisy, noisy_dataset, toy_curve
-from sample import generate, grid_image, load_net, sample_shape, scatter, to_uint8
+from sample import generate, grid_image, load_net, sample_shape, scatter, to_uint8, writable_image
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
@@ -350,12 +350,10 @@ def load_stats(path, features='inception'):
                 die(f'--ref {path}: no mu/sigma arrays (has {list(f.keys())}); not a stats file')
             mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
             kind = str(f['features']) if 'features' in f else 'inception'
-    except SystemExit:
-        raise
-    except Exception as e:
+    except Exception as e:      # (die's SystemExit is no Exception: it passes)
         die(f'--ref {path}: not a readable .npz ({type(e).__name__}: {e})')
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        die(f'--ref {path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2 or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        die(f'--ref {path}: mu {mu.shape} and sigma {sigma.shape} do not fit together, or hold NaN / inf')
     if features is not None and kind != features:
         die(f'--ref {path}: holds {kind} stats but {features} features were asked for; '
             f'{LABEL.get(kind, kind)} and {LABEL[features]} numbers cannot be compared')
@@ -378,8 +376,6 @@ def load_samples_npz(path):
             if 'samples' not in f:
                 die(f'--images {path}: no array named samples (has {list(f.keys())})')
             x = f['samples']
-    except SystemExit:
-        raise
     except Exception as e:
         die(f'--images {path}: not a readable .npz ({type(e).__name__}: {e})')
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
@@ -425,9 +421,10 @@ def teachers_noisy_set(teacher_ckpt, data, data_dir=None):
 def noisy_reference(teacher_ckpt, data, data_dir, kind, device, inception=None):
     """Statistics of the teacher's own noisy training set: Proximal FID's reference, whatever sigma_n the generator
     assumes."""
-    y = teachers_noisy_set(teacher_ckpt, data, data_dir)
-    if y.shape[1:] != sample_shape(teacher_ckpt['net']):
-        die(f'--data {data}: shape {y.shape[1:]} does not match the teacher\'s {sample_shape(teacher_ckpt["net"])}')
+    y, sha = teachers_noisy_set(teacher_ckpt, data, data_dir), teacher_ckpt.get('config', {}).get('noisy_sha256')
+    if y.shape[1:] != sample_shape(teacher_ckpt['net']) or sha and sha != hashlib.sha256(y.tobytes()).hexdigest()[:16]:
+        die(f'--data {data}: not the noisy set the teacher trained on (its --data: {teacher_ckpt.get("data")}); '
+            f'Proximal FID must compare with that one')
     return stats_of(sample_features(y, kind, device, inception))
 
 def proximal(net, ckpt, noisy_stats, num, kind='inception', device='cpu', inception=None, first=0):
@@ -599,9 +596,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch < 1 or getattr(args, 'steps', None) is not None and args.steps < 1:
         p.error('--batch and --steps must be >= 1')
+    if getattr(args, 'num', None) is not None and args.num < 2:
+        p.error('--num must be >= 2')
+    if args.cmd == 'figure' and not writable_image(args.out):    # fail before minutes of sampling, not after
+        die(f'--out {args.out}: give an image file (FILE.png) in a folder that exists')
     if args.cmd == 'calc':
-        if args.num is not None and args.num < 2:
-            p.error('--num must be >= 2')
         if args.net and args.num is None:
             args.num = 50000
         if args.repeats < 1:
@@ -614,6 +613,8 @@ def main(argv=None):
         device = init_distributed(args.device)[2]
         teacher, t_ckpt = load_net(args.net, device, kind='teacher')
         gen, g_ckpt = load_net(args.generator, device, kind='generator')
+        if g_ckpt.get('teacher', t_ckpt['net']) != t_ckpt['net']:
+            die(f'--generator {args.generator} was distilled from another teacher than --net {args.net}; pass a pair')
         points = t_ckpt['net'].get('arch') == 'mlp'
         if device.type == 'cpu' and points:
             torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 def die(msg):
     """Bad input ends here: one 'error: ...' line on stderr, exit status 1, no traceback. Under torchrun every rank
-    exits, but only rank 0 prints the line."""
-    raise SystemExit(f'error: {msg}' if int(os.environ.get('RANK', '0')) == 0 else 1)
+    exits, but only rank 0 prints the line (or any process whose RANK is out of range, where no rank 0 runs)."""
+    rank, world = int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))
+    raise SystemExit(f'error: {msg}' if rank == 0 or not 0 <= rank < world else 1)
 
 def print0(*args, **kwargs):
     if int(os.environ.get('RANK', '0')) == 0:
@@ -42,8 +43,12 @@ def print0(*args, **kwargs):
 def init_distributed(device=None):
     """(rank, world size, device): one process per GPU under torchrun, else one process on cuda or cpu."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    rank, local_rank = int(os.environ.get('RANK', '0' if world == 1 else '-1')), int(os.environ.get('LOCAL_RANK', '0'))
+    if not 0 <= rank < world:     # left over from another launch: this process would train on an empty share
+        die(f'RANK={os.environ.get("RANK")} with WORLD_SIZE={world}: launch with torchrun, or unset both (one process)')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        die(f'--device {device}: no CUDA GPU is visible to torch here; use --device cpu')
     if device.type == 'cuda':
         device = torch.device('cuda', local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
@@ -308,14 +313,11 @@ def build_net(net_config):
 # Checkpoints (format 'dsd-1'): only tensors and python primitives, so torch.load(weights_only=True) reads them.
 
 def _check_plain(obj, where='ckpt'):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
+    if isinstance(obj, (dict, list, tuple)):
+        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
             if not isinstance(k, (str, int)):
                 raise TypeError(f'save_checkpoint: {where} has a key of type {type(k).__name__}; use str keys')
             _check_plain(v, f'{where}[{k!r}]')
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_plain(v, f'{where}[{i}]')
     elif not (obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor))):
         raise TypeError(f'save_checkpoint: {where} is {type(obj).__module__}.{type(obj).__name__}; '
                         f'store only tensors and python int/float/str/bool/None/list/dict')
@@ -323,7 +325,6 @@ def _check_plain(obj, where='ckpt'):
 def save_checkpoint(path, ckpt):
     """Write ckpt atomically: a temp file in the same folder, flushed and fsynced, then renamed over `path`."""
     _check_plain(ckpt)
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     try:
@@ -434,11 +435,9 @@ _ALLOWED = {
     ('torch._utils', '_rebuild_parameter'): _parameter, ('torch._utils', '_rebuild_parameter_with_state'): _parameter,
     ('torch._tensor', '_rebuild_from_type_v2'): _from_type,
     ('torch._tensor', 'Tensor'): torch.Tensor, ('torch', 'Tensor'): torch.Tensor,
-    ('torch.nn.parameter', 'Parameter'): nn.Parameter,
-    ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictStub,
+    ('torch.nn.parameter', 'Parameter'): nn.Parameter, ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictStub,
     ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset,
-    ('dnnlib.util', 'EasyDict'): _EasyDict,
+    ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('dnnlib.util', 'EasyDict'): _EasyDict,
     ('numpy', 'dtype'): np.dtype,
     ('numpy.core.multiarray', 'scalar'): _np_scalar, ('numpy._core.multiarray', 'scalar'): _np_scalar,
 }
@@ -495,8 +494,7 @@ def _ddpmpp_config(ema):
     model = _modules(ema).get('model')
     if model is None or model.class_name != 'SongUNet':
         name = model.class_name if model is not None else 'nothing'
-        arch = ' (ADM)' if name == 'DhariwalUNet' else ''
-        raise _Refused(f'EDMPrecond wraps {name}{arch}; {only}')
+        raise _Refused(f'EDMPrecond wraps {name}{" (ADM)" * (name == "DhariwalUNet")}; {only}')
     if st.get('label_dim'):
         raise _Refused(f"class-conditional network (label_dim={st['label_dim']}); {only}, unconditional")
     kw = model.state.get('_init_kwargs') or {}

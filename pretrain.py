@@ -166,31 +166,34 @@ def load_data(data, data_dir=None):
         return x, dict(name=data, kind='points' if x.ndim == 2 else 'images')
     name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
     if data == 'cifar10':
-        u8 = load_cifar10(data_dir)
+        imgs = load_cifar10(data_dir)
     elif os.path.isdir(data) or (os.path.isfile(data) and data.endswith('.zip')):
-        u8 = load_images(data).transpose(0, 3, 1, 2)
+        imgs = load_images(data).transpose(0, 3, 1, 2)
     elif os.path.isfile(data) and data.endswith(('.npy', '.npz')):
         arr = load_array(data)
         if arr.dtype.kind == 'f' and not np.isfinite(arr).all():
             die(f'--data {data}: holds NaN or inf values; drop or repair those items')
         if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] in (1, 3):
-            u8 = arr.transpose(0, 3, 1, 2)                  # uint8 NHWC images
-        elif arr.dtype.kind in 'if' and arr.ndim == 2:      # points; uint8 rows are likely flattened images
+            imgs = arr.transpose(0, 3, 1, 2)                # uint8 NHWC images
+        elif arr.dtype.kind in 'if' and arr.ndim == 2 and len(arr) > 1 and np.ptp(arr, 0).any():   # points (not uint8)
             return arr.astype(np.float32), dict(name=name, kind='points')
-        elif arr.dtype.kind == 'f' and arr.ndim == 4 and arr.shape[2] == arr.shape[3]:
-            return arr.astype(np.float32), dict(name=name, kind='images')   # float NCHW, model units
+        elif arr.dtype.kind == 'f' and arr.ndim == 4 and arr.shape[1] < arr.shape[3]:
+            imgs = arr.astype(np.float32)                   # float NCHW images, already in model units
         else:
-            die(f'{data}: expected uint8 NHWC square images, (N, D) points or float NCHW images; '
+            die(f'{data}: expected uint8 NHWC images, float NCHW images or (N, D) points (that are not all equal); '
                 f'got {arr.dtype} {arr.shape}')
     else:
         die(f'--data {data}: {"unsupported file type" if os.path.exists(data) else "no such file or folder"}; use '
             'cifar10, toy, shapes, an image folder, a .zip, or a .npy/.npz array')
-    if u8.shape[2] != u8.shape[3]:
-        die(f'--data {data}: images are {u8.shape[3]}x{u8.shape[2]}; they must be square (crop or resize them, '
+    if imgs.shape[2] != imgs.shape[3]:
+        die(f'--data {data}: images are {imgs.shape[3]}x{imgs.shape[2]}; they must be square (crop or resize them, '
             "e.g. with EDM's dataset_tool.py)")
-    if len(u8) < 2:
-        die(f'--data {data}: needs at least 2 images, found {len(u8)}')
-    return u8.astype(np.float32) / 127.5 - 1, dict(name=name, kind='images')
+    if len(imgs) < 2:
+        die(f'--data {data}: needs at least 2 images, found {len(imgs)}')
+    if imgs.dtype != np.uint8 and imgs.min() >= 0:      # [0, 1] or [0, 255] floats would train as dim, grey images
+        die(f'--data {data}: float images are read in model units, [-1, 1]; these lie in [0, {imgs.max():g}]: save '
+            f'x * 2 - 1 (or x / 127.5 - 1), or uint8 NHWC')
+    return imgs.astype(np.float32) / 127.5 - 1 if imgs.dtype == np.uint8 else imgs, dict(name=name, kind='images')
 
 
 def make_noisy(clean, sigma, seed=0, index=None, stream=0):
@@ -213,7 +216,7 @@ def noisy_dataset(data, sigma, seed=0, data_dir=None, already_noisy=False):
     x, info = load_data(data, data_dir)
     info.update(scale=1.0, shift=0.0)
     if x.ndim == 2:                                          # exact: scale is a power of two, shift a multiple of it
-        s = 2.0 ** math.floor(math.log2(max(float(x.var(0).mean()) ** 0.5, 1e-6) / 0.5))
+        s = 2.0 ** math.floor(math.log2(max(float(x.var(0, dtype=np.float64).mean()) ** 0.5, 1e-6) / 0.5))
         info.update(scale=s, shift=[float(np.round(m / s) * s) + 0.0 for m in x.mean(0, dtype=np.float64)])
         x = (x - np.float32(info['shift'])) / np.float32(s)
     return (x if already_noisy else make_noisy(x, sigma / info['scale'], seed)), info
@@ -408,7 +411,9 @@ def log_tick(outdir, sums, step, total_steps, batch, tick_start, run_start, devi
     return rec
 
 
-def start_run(outdir, record, rank):
+def start_run(outdir, record, rank, resume=None):
+    if not resume and os.path.isfile(os.path.join(outdir, 'latest.pt')):     # a fresh start never writes over a run
+        die(f'{outdir} holds a run (latest.pt); add --resume to continue it, or use another --outdir (or delete it)')
     if rank == 0:
         os.makedirs(outdir, exist_ok=True)
         with open(os.path.join(outdir, 'config.json'), 'w') as f:
@@ -563,16 +568,14 @@ def parse_args(argv=None):
 
 
 def default_preset(data, x, info):
-    if info['kind'] == 'points':
-        return 'toy'
-    return {32: 'cifar10', 64: 'ffhq64', 16: 'tiny'}.get(x.shape[-1]) or \
+    return 'toy' if info['kind'] == 'points' else {32: 'cifar10', 64: 'ffhq64', 16: 'tiny'}.get(x.shape[-1]) or \
         die(f'--data {data}: {x.shape[-1]}x{x.shape[-1]} images have no default preset; pass --preset')
 
 
 def resolve(args):
     """Preset + explicit flags -> the configuration that runs. Returns (cfg, net_config, noisy data, info)."""
     check_ranges(args, dict(kimg='> 0', batch='> 0', batch_gpu='> 0', lr='> 0', warmup='>= 0', dropout='in [0, 1)',
-                            augment='in [0, 1]', ema='> 0', ema_rampup='>= 0', tick='> 0', snap='> 0'))
+                            augment='in [0, 1]', ema='> 0', ema_rampup='>= 0', tick='> 0', snap='> 0', seed='>= 0'))
     try:
         sigma = None if args.sigma == 'auto' else float(args.sigma)
     except ValueError:
@@ -595,9 +598,8 @@ def resolve(args):
     if info['kind'] == 'images':
         net_cfg['img_resolution'] = y.shape[-1]
     net_cfg['dropout'] = net_cfg['dropout'] if args.dropout is None else args.dropout
-    for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'ema_rampup', 'tick', 'snap'):
-        if getattr(args, k) is not None:
-            train[k] = getattr(args, k)
+    train.update({k: getattr(args, k) for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'ema_rampup', 'tick',
+                                                 'snap') if getattr(args, k) is not None})
     train.setdefault('tick', max(train['kimg'] / 100, 0.1))
     train.setdefault('snap', max(train['kimg'] / 10, train['tick']))
     if train['augment'] and info['kind'] == 'points':
@@ -648,9 +650,8 @@ def main(argv=None):
     if args.resume:
         ck = resume_checkpoint(args.resume, cfg['outdir'], 'teacher', net.config, cfg,
                                ('data', 'sigma_n', 'loss', 'seed', 'batch', 'already_noisy', 'noisy_sha256'))
-        net.load_state_dict(ck['state']['net'])
-        ema.load_state_dict(ck['ema'])
-        opt.load_state_dict(ck['state']['opt'])
+        for m, state in ((net, ck['state']['net']), (ema, ck['ema']), (opt, ck['state']['opt'])):
+            m.load_state_dict(state)
         step = ck['state']['step']
     net, ema = on_device(net, device), on_device(ema, device)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
@@ -659,7 +660,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if cfg['precision'] == 'bf16' else None
     data, sigma_n, loss = torch.from_numpy(y), float(cfg['sigma_n']), cfg['loss']
     total, tick, snap = (steps_of(cfg[k], cfg['batch']) for k in ('kimg', 'tick', 'snap'))
-    start_run(cfg['outdir'], dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), rank)
+    start_run(cfg['outdir'], dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), rank, args.resume)
     units = f' (model units: (x - {cfg["data_shift"]}) / {cfg["data_scale"]:g})' if info['kind'] == 'points' else ''
     print0(f'{info["name"]}: {len(data)} noisy {info["kind"]} {tuple(data.shape[1:])}, sigma_n={sigma_n:g}{units}, '
            f'loss={loss}, preset={cfg["preset"]}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, '
@@ -678,8 +679,7 @@ def main(argv=None):
                        batch_gpu, device, dtype)
         step += 1
         update_ema(ema, net, ema_beta(cfg['batch'], step * cfg['batch'], cfg['ema'], cfg['ema_rampup']))  # Alg. 2, line 5
-        for k, v in zip(sums, out):
-            sums[k] += v
+        sums = {k: sums[k] + v for k, v in zip(sums, out)}
         if step % tick == 0 or step == total:
             log_tick(cfg['outdir'], sums, step, total, cfg['batch'], tick_start, run_start, device, rank, world)
             tick_start, sums = time.time(), dict.fromkeys(sums, 0)

@@ -152,10 +152,7 @@ def save_preview(net, ckpt, path, device, n=None):
     points = ckpt['net'].get('arch') == 'mlp'
     n = n or (2000 if points else 64)
     x = torch.cat([x for _, x in generate(net, ckpt, list(range(n)), 500, device)])
-    if points:
-        scatter(x.numpy(), title=os.path.basename(path)).save(path)
-    else:
-        grid_image(to_uint8(x)).save(path)
+    (scatter(x.numpy(), title=os.path.basename(path)) if points else grid_image(to_uint8(x))).save(path)
 
 
 def data_units(points, ckpt):
@@ -164,10 +161,14 @@ def data_units(points, ckpt):
     return points * c.get('data_scale', 1.0) + np.float32(c.get('data_shift', 0.0))
 
 
+def writable_image(path):     # an image format PIL can write, in a folder that exists: checked before sampling
+    ext = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    return ext in Image.SAVE and os.path.isdir(os.path.dirname(os.path.abspath(path)))
+
+
 def write_samples(out, seeds, x):
     """--out DIR: PNGs in subfolders of 1000 as EDM does; --out FILE.npz handled by the caller."""
-    u8 = to_uint8(x)
-    for s, im in zip(seeds, u8):
+    for s, im in zip(seeds, to_uint8(x)):
         folder = os.path.join(out, f'{s - s % 1000:06d}')
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(os.path.join(folder, f'{s:06d}.png'))
@@ -190,6 +191,9 @@ def main(argv=None):
     if args.batch < 1 or args.steps is not None and args.steps < 1:
         die(f'--batch {args.batch}, --steps {args.steps}: each must be >= 1')
     seeds = parse_seeds(args.seeds)
+    if args.grid and not writable_image(args.grid) or os.path.splitext(args.out or '')[1] not in ('', '.npz'):
+        die(f'--out {args.out}, --grid {args.grid}: --out takes a folder or FILE.npz, --grid FILE.png (in a folder '
+            'that exists)')
     rank, world, device = init_distributed(args.device)
     net, ckpt = load_net(args.net, device)
     if device.type == 'cpu' and ckpt['net'].get('arch') == 'mlp':
@@ -199,10 +203,9 @@ def main(argv=None):
     if ckpt['net'].get('arch') == 'mlp' and args.out and not args.out.endswith('.npz'):
         die(f'--out {args.out}: points are written to a FILE.npz (PNG folders are for images)')
     if args.dry_run:
-        print0(dict(net=args.net, kind=ckpt['kind'], sigma_n=ckpt.get('sigma_n'), mode=args.mode or
-                    ('one-step' if ckpt['kind'] == 'generator' else 'truncated'), steps=args.steps or
-                    default_steps(ckpt), seeds=f'{seeds[0]}-{seeds[-1]} ({len(seeds)})', batch=args.batch,
-                    world=world))
+        print0(dict(net=args.net, kind=ckpt['kind'], sigma_n=ckpt.get('sigma_n'), steps=args.steps or
+                    default_steps(ckpt), mode=args.mode or ('one-step' if ckpt['kind'] == 'generator' else 'truncated'),
+                    batch=args.batch, seeds=f'{seeds[0]}-{seeds[-1]} ({len(seeds)})', world=world))
         return
     mine = seeds[rank::world]                                            # torchrun splits the seeds
     t0, done, parts = time.time(), 0, []

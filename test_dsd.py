@@ -120,8 +120,22 @@ def test_data_formats_and_bad_data(tmp_path):
     ints, info = pretrain.load_data(str(tmp_path / 'ints.npy'))
     assert info['kind'] == 'points' and ints.dtype == np.float32 and ints[9, 1] == 19
     np.save(tmp_path / 'flat.npy', np.zeros((10, 64), np.uint8))                  # flattened uint8 images: refused
-    with pytest.raises(SystemExit, match='expected uint8 NHWC square images'):
+    with pytest.raises(SystemExit, match='expected uint8 NHWC images'):
         pretrain.load_data(str(tmp_path / 'flat.npy'))
+    for name, arr, msg in [('unit', g.uniform(0, 1, (4, 3, 8, 8)), r'model units, \[-1, 1\]; these lie in \[0, 0.99'),
+                           ('u255', g.uniform(0, 255, (4, 3, 8, 8)), r'these lie in \[0, 25[45]'),   # float 0..255
+                           ('one', g.uniform(-1, 1, (1, 3, 8, 8)), 'at least 2 images, found 1'),
+                           ('fwide', g.uniform(-1, 1, (4, 3, 6, 8)), '8x6; they must be square'),
+                           ('nopts', np.zeros((0, 2)), r'points \(that are not all equal\); got float64 \(0, 2\)'),
+                           ('same', np.ones((50, 2)), r'not all equal\); got float64 \(50, 2\)')]:
+        np.save(tmp_path / f'{name}.npy', arr)
+        with pytest.raises(SystemExit, match=msg):
+            pretrain.load_data(str(tmp_path / f'{name}.npy'))
+    model_units = g.uniform(-1, 1, (4, 3, 8, 8)).astype(np.float32)       # float NCHW in [-1, 1] load as given
+    np.save(tmp_path / 'model.npy', model_units)
+    assert np.array_equal(pretrain.load_data(str(tmp_path / 'model.npy'))[0], model_units)
+    np.save(tmp_path / 'far.npy', g.normal(size=(20, 2)).astype(np.float32) * 1e30)   # the spread in float64: finite
+    assert np.isfinite(pretrain.noisy_dataset(str(tmp_path / 'far.npy'), 0.2)[0]).all()
     np.save(tmp_path / 'nan.npy', np.where(np.arange(20).reshape(10, 2) == 7, np.nan, 0.0))
     with pytest.raises(SystemExit, match='nan.npy: holds NaN or inf'):
         pretrain.load_data(str(tmp_path / 'nan.npy'))
@@ -790,10 +804,14 @@ def test_pretrain_bad_input_ends_in_one_clear_line(tmp_path):
                       (['--preset', 'tiny'], 'is for images'),
                       (['--resume'], 'does not exist'),
                       (['--lr', '-1'], r'--lr -1.0: must be > 0'), (['--augment', '2'], r'--augment 2.0: must be in \[0, 1\]'),
-                      (['--ema', 'nan'], r'--ema nan: must be > 0 \(a finite number\)')]:
+                      (['--ema', 'nan'], r'--ema nan: must be > 0 \(a finite number\)'),
+                      (['--seed', '-1'], '--seed -1: must be >= 0')]:
         with pytest.raises(SystemExit, match=msg):
             run(*args)
     run('--kimg', '0.128', '--snap', '0.128')                    # a finished run of the toy architecture ...
+    with pytest.raises(SystemExit, match=r'o holds a run \(latest.pt\); add --resume to continue it'):
+        run('--kimg', '0.064')                                   # ... that a fresh start into its folder leaves alone
+    assert networks.load_checkpoint(str(tmp_path / 'o' / 'latest.pt'))['kimg'] == 0.128
     with pytest.raises(SystemExit, match='another architecture'):
         pretrain.main([*_TOY, '--kimg', '0.2', '--outdir', str(tmp_path / 'o'), '--resume', '--dropout', '0.1'])
     _one_line_error(_run('pretrain.py', '--data', 'toy', '--sigma', '-1', cwd=tmp_path), '--sigma')
@@ -827,7 +845,8 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
                       (['--sigma-init', '0'], '--sigma-init 0.0: must be > 0'),
                       (['--fake-steps', '0'], '--fake-steps 0: must be > 0'),
                       (['--glr-end', '1.5'], r'--glr-end 1.5: must be in \[0, 1\]'),
-                      (['--fake-sigma', 'clamp'], "only --loss ambient clamps sigma .this run's loss is ambient-x0")]:
+                      (['--fake-sigma', 'clamp'], "only --loss ambient clamps sigma .this run's loss is ambient-x0"),
+                      (['--seed', '-2'], '--seed -2: must be >= 0')]:
         with pytest.raises(SystemExit, match=msg):
             distill.main(['--teacher', toy_teacher, '--data', 'toy', '--fid-num', '0', '--kimg', '0.064', '--outdir',
                           str(tmp_path / 'o'), *args])
@@ -835,6 +854,12 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
     distill.main([*run, '--kimg', '0.064'])
     with pytest.raises(SystemExit, match='that run used sigma_init=0.5'):     # G's input scale is part of G
         distill.main([*run, '--kimg', '0.128', '--sigma-init', '1.0', '--resume'])
+    with pytest.raises(SystemExit, match=r'r holds a run \(latest.pt\); add --resume'):   # never started over
+        distill.main([*run, '--kimg', '0.064'])
+    np.save(tmp_path / 'other.npy', np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32))
+    with pytest.raises(SystemExit, match=r'other.npy: not the noisy set the teacher trained on \(its --data: toy\)'):
+        distill.main(['--teacher', toy_teacher, '--data', str(tmp_path / 'other.npy'), '--fid-num', '100', '--kimg',
+                      '0.064', '--outdir', str(tmp_path / 'p')])                # Proximal FID would score against it
 
 
 def test_points_of_any_spread_and_place_train_the_same_nets_in_model_units(tmp_path):
@@ -1166,6 +1191,10 @@ def test_sample_cli_writes_pngs_npz_and_refuses_bad_input(tmp_path):
     pts = np.load(tmp_path / 'p.npz')['samples']
     assert pts.dtype == np.float32 and pts.shape == (10, 2)
     _one_line_error(_run('sample.py', '--net', toy, '--out', str(tmp_path / 'pts'), cwd=tmp_path), 'a FILE.npz')
+    for out in (['--grid', str(tmp_path / 'g.txt')], ['--grid', str(tmp_path / 'no' / 'g.png')],
+                ['--out', str(tmp_path / 's.png')]):               # refused before sampling: nothing is written
+        _one_line_error(_run('sample.py', '--net', gen, *out, cwd=tmp_path), '--grid FILE.png .in a folder')
+    assert not any(os.path.exists(p) for p in (tmp_path / 'g.txt', tmp_path / 'no', tmp_path / 's.png'))
     _one_line_error(_run('sample.py', '--net', gen, '--seeds', '9-2', cwd=tmp_path), '--seeds')
     _one_line_error(_run('sample.py', '--net', gen, '--steps', '-3', cwd=tmp_path), '--steps -3: each must be >= 1')
     _one_line_error(_run('sample.py', '--net', str(tmp_path / 'nope.pt'), cwd=tmp_path), 'nope.pt')
@@ -1471,6 +1500,15 @@ def test_fid_cli_bad_input(tmp_path, monkeypatch):
         fid.main(['calc', '--images', str(tmp_path / 'big.npz'), '--ref', ref])
     with pytest.raises(SystemExit, match='need --net'):
         fid.main(['calc', '--images', str(tmp_path / 'big.npz'), '--ref', ref, '--proximal'])
+    fid.save_stats(str(tmp_path / 'nan.npz'), np.full(192, np.nan), np.eye(192), 'pixel')
+    with pytest.raises(SystemExit, match='nan.npz: mu .* or hold NaN / inf'):
+        fid.main(['calc', '--images', str(tmp_path / 'big.npz'), '--ref', str(tmp_path / 'nan.npz')])
+    gen, points_teacher = _tiny_ckpt(tmp_path / 'g.pt', 'generator'), _tiny_ckpt(tmp_path / 't.pt', points=True)
+    with pytest.raises(SystemExit, match='g.pt was distilled from another teacher than --net'):
+        fid.main(['figure', '--net', points_teacher, '--generator', gen, '--out', str(tmp_path / 'f.png')])
+    for out in ('f.txt', 'no/f.png'):                             # checked before any sampling
+        with pytest.raises(SystemExit, match=f'--out .*{out}: give an image file'):
+            fid.main(['figure', '--net', points_teacher, '--generator', gen, '--out', str(tmp_path / out)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1806,6 +1844,20 @@ def test_under_torchrun_a_bad_input_is_reported_once(tmp_path):
     r = _run('distill.py', '--sigma', '0.2', cwd=tmp_path, nproc=2)
     assert r.returncode != 0 and r.stderr.count('error: no teacher at ') == 1, r.stderr
     assert 'distill.py", line' not in r.stderr                 # no traceback from our code
+
+
+def test_stale_torchrun_variables_and_a_missing_gpu_end_in_one_clear_line(monkeypatch):
+    monkeypatch.setenv('RANK', '3')                  # left over from another launch: no process here is rank 0
+    with pytest.raises(SystemExit, match='^error: RANK=3 with WORLD_SIZE=1: launch with torchrun'):
+        networks.init_distributed('cpu')
+    monkeypatch.delenv('RANK')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match='^error: RANK=None with WORLD_SIZE=2'):
+        networks.init_distributed('cpu')
+    monkeypatch.delenv('WORLD_SIZE')
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='^error: --device cuda: no CUDA GPU'):
+            networks.init_distributed('cuda')
 
 
 def test_bench_recipe_smoke(tmp_path):

@@ -240,6 +240,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'bf16': [({'--precision': 'bf16'}, dict(COS88, **{'--precision': 'bf16'}))],   # tiny in bf16 autocast, both stages
     'points-fake': [(TOY_X0, dict(TOY_DIST, **d)) for d in   # alpha 1.0 (AFHQ's), K = 2 in the same time
                     ({}, {'--alpha': '1.0'}, {'--fake-steps': '2', '--kimg': '1408'})],
+    'points-sigma-init-low': [(TOY_X0, dict(TOY_DIST, **{'--sigma-init': s})) for s in ('0.25', '0.125')],   # sharper G
 }
 
 
@@ -297,7 +298,8 @@ def script(name, outdir, *args, threads=1):
         return json.load(open(timing))['seconds']
     t = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
-    r = subprocess.run([sys.executable, os.path.join(ROOT, name), '--outdir', outdir, *args], env=env,
+    resume = ['--resume'] if os.path.isfile(os.path.join(outdir, 'latest.pt')) else []   # an interrupted run goes on
+    r = subprocess.run([sys.executable, os.path.join(ROOT, name), '--outdir', outdir, *args, *resume], env=env,
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f'{name} {" ".join(args)} failed:\n{r.stderr[-2000:]}')
