@@ -191,7 +191,7 @@ def main(argv=None):
     if args.batch < 1 or args.steps is not None and args.steps < 1:
         die(f'--batch {args.batch}, --steps {args.steps}: each must be >= 1')
     seeds = parse_seeds(args.seeds)
-    if args.grid and not writable_image(args.grid) or os.path.splitext(args.out or '')[1] not in ('', '.npz'):
+    if args.grid and not writable_image(args.grid) or (args.out or '').lower().endswith(('.png', '.jpg', '.npy')):
         die(f'--out {args.out}, --grid {args.grid}: --out takes a folder or FILE.npz, --grid FILE.png (in a folder '
             'that exists)')
     rank, world, device = init_distributed(args.device)
