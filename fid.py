@@ -413,16 +413,17 @@ def generated_features(net, ckpt, seeds, kind, device, inception=None, corrupt=0
 
 def teachers_noisy_set(teacher_ckpt, data, data_dir=None):
     """The teacher's own fixed noisy training set, in model units, rebuilt from what its checkpoint records (sigma_n,
-    seed and units, or the data as given)."""
+    seed and units, or the data as given), and noisy_dataset's info (its fingerprint too)."""
     cfg = teacher_ckpt.get('config', {})
     return noisy_dataset(data, teacher_ckpt['sigma_n'] * cfg.get('data_scale', 1.0), cfg.get('seed', 0), data_dir,
-                         cfg.get('already_noisy', False))[0]
+                         cfg.get('already_noisy', False))
 
 def noisy_reference(teacher_ckpt, data, data_dir, kind, device, inception=None):
     """Statistics of the teacher's own noisy training set: Proximal FID's reference, whatever sigma_n the generator
     assumes."""
-    y, sha = teachers_noisy_set(teacher_ckpt, data, data_dir), teacher_ckpt.get('config', {}).get('noisy_sha256')
-    if y.shape[1:] != sample_shape(teacher_ckpt['net']) or sha and sha != hashlib.sha256(y.tobytes()).hexdigest()[:16]:
+    y, info = teachers_noisy_set(teacher_ckpt, data, data_dir)
+    recorded = teacher_ckpt.get('config', {}).get('noisy_sha256', info['sha256'])     # teachers before it: none
+    if y.shape[1:] != sample_shape(teacher_ckpt['net']) or recorded != info['sha256']:
         die(f'--data {data}: not the noisy set the teacher trained on (its --data: {teacher_ckpt.get("data")}); '
             f'Proximal FID must compare with that one')
     return stats_of(sample_features(y, kind, device, inception))
@@ -449,7 +450,7 @@ def figure(teacher, t_ckpt, gen, g_ckpt, out, num, batch, device, steps=None):
     """Noisy data, Ambient-Full, Ambient-Truncated and DSD side by side (the paper's Fig. 4 for points, Fig. 2 for
     images) and, where the data set can supply fresh clean samples, each one's distance to them."""
     points, seeds, data = t_ckpt['net'].get('arch') == 'mlp', list(range(num)), t_ckpt.get('data', 'toy')
-    noisy = teachers_noisy_set(t_ckpt, data)
+    noisy = teachers_noisy_set(t_ckpt, data)[0]
     noisy = torch.from_numpy(noisy[np.random.default_rng(0).choice(len(noisy), min(num, len(noisy)), replace=False)])
     cat = lambda it: torch.cat([x for _, x in it])
     panels = {'noisy data': noisy,

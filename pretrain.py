@@ -219,7 +219,8 @@ def noisy_dataset(data, sigma, seed=0, data_dir=None, already_noisy=False):
         s = 2.0 ** math.floor(math.log2(max(float(x.var(0, dtype=np.float64).mean()) ** 0.5, 1e-6) / 0.5))
         info.update(scale=s, shift=[float(np.round(m / s) * s) + 0.0 for m in x.mean(0, dtype=np.float64)])
         x = (x - np.float32(info['shift'])) / np.float32(s)
-    return (x if already_noisy else make_noisy(x, sigma / info['scale'], seed)), info
+    y = x if already_noisy else make_noisy(x, sigma / info['scale'], seed)
+    return y, dict(info, sha256=hashlib.sha256(y.tobytes()).hexdigest()[:16])    # the fixed noisy set's fingerprint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,9 +595,7 @@ def resolve(args):
     if (info['kind'] == 'points') != (net_cfg.get('arch') == 'mlp'):
         die(f'--preset {preset} is for {"points" if net_cfg.get("arch") == "mlp" else "images"} but --data '
             f'{args.data} holds {info["kind"]}; use --preset {"toy" if info["kind"] == "points" else "tiny"}')
-    net_cfg['img_channels'] = y.shape[1]                    # colour channels, or the dimension of points
-    if info['kind'] == 'images':
-        net_cfg['img_resolution'] = y.shape[-1]
+    net_cfg.update(img_channels=y.shape[1], img_resolution=y.shape[-1] if y.ndim == 4 else 0)   # points: D, 0
     net_cfg['dropout'] = net_cfg['dropout'] if args.dropout is None else args.dropout
     train.update({k: getattr(args, k) for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'ema_rampup', 'tick',
                                                  'snap') if getattr(args, k) is not None})
@@ -607,7 +606,7 @@ def resolve(args):
     cfg = dict(data=args.data, sigma_n=sigma / info['scale'], data_scale=info['scale'], data_shift=info['shift'],
                loss=args.loss or PRESETS[preset].get('loss', 'ambient'), preset=preset, seed=args.seed,
                already_noisy=args.already_noisy, xflip=args.xflip, precision=args.precision, **train)
-    cfg['noisy_sha256'] = hashlib.sha256(y.tobytes()).hexdigest()[:16]     # the fixed noisy set's fingerprint
+    cfg['noisy_sha256'] = info['sha256']          # every rank, --resume and distill.py check it
     if estimate is not None:
         cfg['sigma_estimate'] = estimate
     cfg['outdir'] = args.outdir or os.path.join('runs', f'pretrain-{info["name"]}-sigma{sigma:g}')

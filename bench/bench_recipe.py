@@ -409,7 +409,7 @@ def evaluate(spec, done):
     cache = os.path.join(teacher_dir, 'eval.json')
     if not os.path.isfile(cache):                   # the teacher's samplers and the noisy data, once per teacher
         t_ckpt = torch.load(teacher, weights_only=True)          # the teacher's own noisy set, in the set's units
-        noisy = base(spec, sample.data_units(fid.teachers_noisy_set(t_ckpt, spec['data']), t_ckpt))
+        noisy = base(spec, sample.data_units(fid.teachers_noisy_set(t_ckpt, spec['data'])[0], t_ckpt))
         noisy = noisy[pick(len(noisy), len(fresh))]
         perfect = dict(perfect=distances(posterior_mean(noisy, support), fresh, support)) if points else {}
         json.dump(dict(noisy=distances(noisy, fresh, support), **perfect,
