@@ -111,8 +111,7 @@ def find_teacher(data, sigma):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='DSD Phase II: denoising score distillation into a one-step '
-                                            'generator (Algorithm 1).')
+    p = argparse.ArgumentParser(description='DSD Phase II: denoising score distillation into a one-step generator.')
     p.add_argument('--data', default='cifar10', help='the noisy data set of the teacher (for Proximal FID)')
     p.add_argument('--data-dir', default=None)
     p.add_argument('--sigma', type=float, default=None, help='sigma_n (default: the teacher\'s)')
@@ -132,8 +131,7 @@ def parse_args(argv=None):
     p.add_argument('--glr', type=float, help='generator Adam learning rate')
     p.add_argument('--glr-end', type=float, help='not in the paper: glr falls on a cosine to this fraction of itself')
     p.add_argument('--gbeta1', type=float, help='generator Adam beta1 (SiD: 0, FFHQ / CelebA-HQ 0.9)')
-    p.add_argument('--dropout', type=float, help='dropout of the fake net and the generator (default: the '
-                                                  'recipe\'s, else the teacher\'s)')
+    p.add_argument('--dropout', type=float, help="fake net's and G's dropout (default: recipe's, else teacher's)")
     p.add_argument('--augment', type=float, help='fake net\'s augmentation probability (default: the teacher\'s)')
     p.add_argument('--batch', type=int, help='total batch size')
     p.add_argument('--batch-gpu', type=int, default=None, help='per-process batch; smaller accumulates')
@@ -229,6 +227,8 @@ def main(argv=None):
                                ('sigma_n', 'loss', 'method', 'seed', 'batch', 'sigma_init'))
         for k, v in train_state.items():
             v.load_state_dict(ck['state'][k])
+        for opt, lr, beta1 in ((opt_g, cfg['glr'], cfg['gbeta1']), (opt_f, cfg['lr'], 0.0)):   # flags win on resume
+            opt.param_groups[0].update(lr=lr, betas=(beta1, 0.999))
         G_ema.load_state_dict(ck['ema'])
         step, best = ck['state']['step'], ck['state']['best']
     wrap = lambda m: torch.nn.parallel.DistributedDataParallel(

@@ -852,6 +852,9 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
                           str(tmp_path / 'o'), *args])
     run = [*_DIST, '--teacher', toy_teacher, '--fid-num', '0', '--snap', '0.064', '--outdir', str(tmp_path / 'r')]
     distill.main([*run, '--kimg', '0.064'])
+    distill.main([*run, '--kimg', '0.128', '--lr', '3e-5', '--gbeta1', '0.5', '--resume'])   # new flags take hold
+    opts = torch.load(tmp_path / 'r' / 'latest.pt', weights_only=True)['state']
+    assert opts['opt_f']['param_groups'][0]['lr'] == 3e-5 and opts['opt_g']['param_groups'][0]['betas'][0] == 0.5
     with pytest.raises(SystemExit, match='that run used sigma_init=0.5'):     # G's input scale is part of G
         distill.main([*run, '--kimg', '0.128', '--sigma-init', '1.0', '--resume'])
     with pytest.raises(SystemExit, match=r'r holds a run \(latest.pt\); add --resume'):   # never started over
