@@ -162,7 +162,7 @@ def resolve(args):
     check_ranges(args, dict(sigma='>= 0', alpha='>= 0', sigma_init='> 0', tmax='> 0', sigma_min='> 0', lr='> 0',
                             glr='> 0', glr_end='in [0, 1]', gbeta1='in [0, 1)', dropout='in [0, 1)', batch='> 0',
                             augment='in [0, 1]', batch_gpu='> 0', fake_steps='> 0', lsg='> 0', ema='> 0', kimg='> 0',
-                            ema_rampup='>= 0', tick='> 0', snap='> 0', fid_num='>= 0', seed='>= 0'))
+                            ema_rampup='>= 0', tick='> 0', snap='> 0', fid_num='0 or >= 2', seed='>= 0'))
     path = args.teacher or find_teacher(args.data, args.sigma)
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':

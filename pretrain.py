@@ -522,8 +522,8 @@ def estimate_sigma(x, seed=0, n_patches=100_000):
 
 # ----------------------------------------------------------------------------------------------
 
-RANGES = {'> 0': lambda v: 0 < v < math.inf, '>= 0': lambda v: 0 <= v < math.inf,
-          'in [0, 1]': lambda v: 0 <= v <= 1, 'in [0, 1)': lambda v: 0 <= v < 1}
+RANGES = {'> 0': lambda v: 0 < v < math.inf, '>= 0': lambda v: 0 <= v < math.inf, 'in [0, 1]': lambda v: 0 <= v <= 1,
+          'in [0, 1)': lambda v: 0 <= v < 1, '0 or >= 2': lambda v: v == 0 or 2 <= v < math.inf}   # 2: a covariance
 
 
 def check_ranges(args, rules):

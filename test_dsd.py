@@ -840,7 +840,7 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
     _one_line_error(_run('distill.py', '--teacher', gen, cwd=tmp_path), 'generator checkpoint')
     for args, msg in [(['--sigma', '-0.5'], 'must be >= 0'), (['--method', 'gan'], 'unknown'),
                       (['--loss', 'standard'], 'force-loss'), (['--batch', '30', '--batch-gpu', '4'], 'not divisible'),
-                      (['--lr', '-1'], '--lr -1.0: must be > 0'), (['--fid-num', '-5'], '--fid-num -5: must be >= 0'),
+                      (['--lr', '-1'], '--lr -1.0: must be > 0'), (['--fid-num', '1'], '--fid-num 1: must be 0 or >= 2'),
                       (['--gbeta1', '1'], r'--gbeta1 1.0: must be in \[0, 1\)'), (['--alpha', 'nan'], '--alpha nan'),
                       (['--sigma-init', '0'], '--sigma-init 0.0: must be > 0'),
                       (['--fake-steps', '0'], '--fake-steps 0: must be > 0'),
