@@ -436,9 +436,8 @@ _ALLOWED = {
     ('torch._tensor', '_rebuild_from_type_v2'): _from_type,
     ('torch._tensor', 'Tensor'): torch.Tensor, ('torch', 'Tensor'): torch.Tensor,
     ('torch.nn.parameter', 'Parameter'): nn.Parameter, ('torch.nn.modules.container', 'ModuleDict'): _ModuleDictStub,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('collections', 'OrderedDict'): collections.OrderedDict, ('numpy', 'dtype'): np.dtype,
     ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset, ('dnnlib.util', 'EasyDict'): _EasyDict,
-    ('numpy', 'dtype'): np.dtype,
     ('numpy.core.multiarray', 'scalar'): _np_scalar, ('numpy._core.multiarray', 'scalar'): _np_scalar,
 }
 

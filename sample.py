@@ -191,9 +191,10 @@ def main(argv=None):
     if args.batch < 1 or args.steps is not None and args.steps < 1:
         die(f'--batch {args.batch}, --steps {args.steps}: each must be >= 1')
     seeds = parse_seeds(args.seeds)
-    if args.grid and not writable_image(args.grid) or (args.out or '').lower().endswith(('.png', '.jpg', '.npy')):
-        die(f'--out {args.out}, --grid {args.grid}: --out takes a folder or FILE.npz, --grid FILE.png (in a folder '
-            'that exists)')
+    bad_out = (args.out or '').lower().endswith(('.png', '.jpg', '.npy')) or not (args.out or args.grid or args.dry_run)
+    if bad_out or args.grid and not writable_image(args.grid):
+        die(f'--out {args.out}, --grid {args.grid}: give --out a folder or FILE.npz, and/or --grid FILE.png (in a '
+            'folder that exists)')
     rank, world, device = init_distributed(args.device)
     net, ckpt = load_net(args.net, device)
     if device.type == 'cpu' and ckpt['net'].get('arch') == 'mlp':

@@ -1195,20 +1195,20 @@ def test_sample_cli_writes_pngs_npz_and_refuses_bad_input(tmp_path):
     assert pts.dtype == np.float32 and pts.shape == (10, 2)
     _one_line_error(_run('sample.py', '--net', toy, '--out', str(tmp_path / 'pts'), cwd=tmp_path), 'a FILE.npz')
     for out in (['--grid', str(tmp_path / 'g.txt')], ['--grid', str(tmp_path / 'no' / 'g.png')],
-                ['--out', str(tmp_path / 's.png')]):               # refused before sampling: nothing is written
+                ['--out', str(tmp_path / 's.png')], []):   # refused before sampling: nothing is written (or kept)
         _one_line_error(_run('sample.py', '--net', gen, *out, cwd=tmp_path), '--grid FILE.png .in a folder')
     assert not any(os.path.exists(p) for p in (tmp_path / 'g.txt', tmp_path / 'no', tmp_path / 's.png'))
     r = _run('sample.py', '--net', gen, '--seeds', '0-1', '--out', str(tmp_path / 'sigma0.2'), cwd=tmp_path)
     assert r.returncode == 0 and os.path.isfile(tmp_path / 'sigma0.2' / '000000' / '000001.png'), r.stderr
     _one_line_error(_run('sample.py', '--net', gen, '--seeds', '9-2', cwd=tmp_path), '--seeds')
     _one_line_error(_run('sample.py', '--net', gen, '--steps', '-3', cwd=tmp_path), '--steps -3: each must be >= 1')
-    _one_line_error(_run('sample.py', '--net', str(tmp_path / 'nope.pt'), cwd=tmp_path), 'nope.pt')
+    _one_line_error(_run('sample.py', '--net', str(tmp_path / 'nope.pt'), '--grid', 'g.png', cwd=tmp_path), 'nope.pt')
     (tmp_path / 'junk.pt').write_bytes(b'junk')
-    _one_line_error(_run('sample.py', '--net', str(tmp_path / 'junk.pt'), cwd=tmp_path), 'junk.pt')
+    _one_line_error(_run('sample.py', '--net', str(tmp_path / 'junk.pt'), '--grid', 'g.png', cwd=tmp_path), 'junk.pt')
     other = torch.load(gen, weights_only=True)
     other['kind'] = 'optimizer'
     torch.save(other, tmp_path / 'other.pt')
-    _one_line_error(_run('sample.py', '--net', str(tmp_path / 'other.pt'), cwd=tmp_path),
+    _one_line_error(_run('sample.py', '--net', str(tmp_path / 'other.pt'), '--grid', 'g.png', cwd=tmp_path),
                     'neither a teacher nor a generator')
 
 
