@@ -30,7 +30,7 @@ import fid
 import networks
 import pretrain
 import sample
-from bench import bench_recipe, bench_spectrum
+from bench import bench_recipe, bench_replay, bench_spectrum
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -1944,6 +1944,20 @@ def test_bench_recipe_grids_parse():
                     stage.parse_args(args)
                 except SystemExit:
                     pytest.fail(f'--grid {name}: {stage.__name__}.py rejects {args}')
+
+
+def test_bench_replay_smoke(tmp_path, toy_teacher):
+    """bench/bench_replay.py continues a toy distillation from its snapshot with every update logged: twice the same
+    stretch gives the same updates (resuming is exact); with the fake net's --lr 100x lower its updates shrink."""
+    run = [*_DIST, '--teacher', toy_teacher, '--fid-num', '0', '--kimg', '0.064', '--outdir', str(tmp_path / 'r')]
+    distill.main(run)
+    rep = lambda *extra: bench_replay.main([str(tmp_path / 'r' / 'latest.pt'), '--steps', '2', '--out',
+                                            str(tmp_path / 'b'), '--', '--kimg', '0.128', *extra])
+    first, again, slow = rep(), rep(), rep('--lr', '5e-7')
+    assert [r[1] for r in first] == ['fake', 'G'] * 2 and [r[0] for r in first] == [2, 2, 3, 3]
+    assert first == again and all(math.isfinite(r[2]) and r[3] > 0 for r in first)
+    fake_size = lambda rows: [r[3] for r in rows if r[1] == 'fake']
+    assert all(s < 0.1 * f for s, f in zip(fake_size(slow), fake_size(first)))
 
 
 def test_bench_snapshots_smoke(tmp_path):
