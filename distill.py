@@ -225,10 +225,9 @@ def main(argv=None):
     if args.resume:
         ck = resume_checkpoint(args.resume, cfg['outdir'], 'generator', G.config, cfg,
                                ('sigma_n', 'loss', 'method', 'seed', 'batch', 'sigma_init'))
-        for k, v in train_state.items():
-            v.load_state_dict(ck['state'][k])
-        for opt, lr, beta1 in ((opt_g, cfg['glr'], cfg['gbeta1']), (opt_f, cfg['lr'], 0.0)):   # flags win on resume
-            opt.param_groups[0].update(lr=lr, betas=(beta1, 0.999))
+        for k, v in train_state.items():   # optimizers: moments from the file, lr and betas from this run's flags
+            saved = ck['state'][k]
+            v.load_state_dict(dict(saved, param_groups=v.state_dict()['param_groups']) if 'opt' in k else saved)
         G_ema.load_state_dict(ck['ema'])
         step, best = ck['state']['step'], ck['state']['best']
     wrap = lambda m: torch.nn.parallel.DistributedDataParallel(
