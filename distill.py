@@ -238,7 +238,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if cfg['precision'] == 'bf16' else None
     total, tick, snap = (steps_of(cfg[k], B) for k in ('kimg', 'tick', 'snap'))
 
-    start_run(cfg['outdir'], dict(config=cfg, world=world, batch_gpu=batch_gpu), rank, args.resume)
+    start_run(cfg['outdir'], dict(config=cfg, world=world, batch_gpu=batch_gpu), rank, args.resume and ck)
     # Model selection without clean data (Sec. 4.4): the noisy training set's statistics, computed once, up front.
     refs = dict(inception=None, noisy=None, clean=load_stats(cfg['ref'], cfg['features']) if cfg['ref'] else None)
     if cfg['fid_num'] and cfg['sigma_n'] > 0 and rank == 0:

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from networks import die, init_distributed, print0
-from pretrain import BUILTIN, builtin_clean, load_data, load_images, make_noisy, noisy_dataset, toy_curve
+from pretrain import (BUILTIN, builtin_clean, check_ranges, load_data, load_images, make_noisy, noisy_dataset,
+                      toy_curve)
 from sample import generate, grid_image, load_net, sample_shape, scatter, to_uint8, writable_image
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
@@ -595,8 +596,8 @@ def parse_args(argv=None):
     f.add_argument('--batch', type=int, default=256)
     f.add_argument('--device', default=None)
     args = p.parse_args(argv)
-    if args.batch < 1 or getattr(args, 'steps', None) is not None and args.steps < 1:
-        p.error('--batch and --steps must be >= 1')
+    check_ranges(args, {k: rule for k, rule in dict(batch='> 0', steps='> 0', repeats='> 0', sigma='>= 0').items()
+                        if hasattr(args, k)})              # sigma: -1 would draw the noise of +1
     if getattr(args, 'num', None) is not None and args.num < 2:
         p.error('--num must be >= 2')
     if args.cmd == 'figure' and not writable_image(args.out):    # fail before minutes of sampling, not after
@@ -604,8 +605,6 @@ def parse_args(argv=None):
     if args.cmd == 'calc':
         if args.net and args.num is None:
             args.num = 50000
-        if args.repeats < 1:
-            p.error('--repeats must be >= 1')
     return args
 
 def main(argv=None):

@@ -60,8 +60,7 @@ def shapes_images(n, seed, res=16):
     palette = np.array([[.9, .2, .2], [.2, .8, .3], [.2, .4, .9], [.9, .8, .2], [.8, .3, .8], [.2, .8, .8]])
     yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
     kind, colour = g.integers(0, 2, n), palette[g.integers(0, 6, n)]
-    cx, cy = g.uniform(5, res - 5, n), g.uniform(5, res - 5, n)
-    r = g.uniform(2.5, 4.5, n)
+    cx, cy, r = g.uniform(5, res - 5, n), g.uniform(5, res - 5, n), g.uniform(2.5, 4.5, n)
     out = np.empty((n, 3, res, res), np.float32)
     for i in range(n):
         dx, dy = xx - cx[i], yy - cy[i]
@@ -161,8 +160,7 @@ def load_array(path):
 def load_data(data, data_dir=None):
     """--data -> (clean or as-given float32 array, info). Images come back NCHW in [-1, 1]."""
     if data in BUILTIN:
-        fn, n = BUILTIN[data]
-        x = fn(n, 0)
+        x = builtin_clean(data, BUILTIN[data][1], seed=0)
         return x, dict(name=data, kind='points' if x.ndim == 2 else 'images')
     name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
     if data == 'cifar10':
@@ -241,8 +239,7 @@ def augment_choices(n, p, w, g):
     shift = shift.clamp(-(w - 1), w - 1)
     angle = quarter.float() * (math.pi / 2)
     labels = torch.zeros(n, 9)
-    labels[:, 0], labels[:, 1] = flip_x.float(), flip_y.float()
-    labels[:, 3], labels[:, 4] = angle.cos() - 1, angle.sin()
+    labels[:, 0], labels[:, 1], labels[:, 3], labels[:, 4] = flip_x.float(), flip_y.float(), angle.cos() - 1, angle.sin()
     labels[:, 7:9] = shift.float() / (w * 0.125)
     return torch.stack([flip_x.long(), flip_y.long(), quarter, shift[:, 0], shift[:, 1]], 1), labels
 
@@ -412,13 +409,19 @@ def log_tick(outdir, sums, step, total_steps, batch, tick_start, run_start, devi
     return rec
 
 
-def start_run(outdir, record, rank, resume=None):
-    if not resume and os.path.isfile(os.path.join(outdir, 'latest.pt')):     # a fresh start never writes over a run
+def start_run(outdir, record, rank, resumed=None):
+    if resumed is None and os.path.isfile(os.path.join(outdir, 'latest.pt')):   # a fresh start never writes over a run
         die(f'{outdir} holds a run (latest.pt); add --resume to continue it, or use another --outdir (or delete it)')
     if rank == 0:
         os.makedirs(outdir, exist_ok=True)
         with open(os.path.join(outdir, 'config.json'), 'w') as f:
             json.dump(record, f, indent=2, default=str)
+        log = os.path.join(outdir, 'stats.jsonl')
+        if resumed is not None and os.path.isfile(log):   # drop the ticks a killed run logged after its snapshot
+            with open(log) as f:
+                ticks = [t for t in f if t.endswith('\n') and json.loads(t)['kimg'] <= resumed['kimg']]
+            with open(log, 'w') as f:
+                f.writelines(ticks)
 
 
 def resume_checkpoint(resume, outdir, kind, net_config, cfg, keys):
@@ -514,10 +517,9 @@ def estimate_sigma(x, seed=0, n_patches=100_000):
         groups = img[:keep] % k if n >= k else rng.integers(0, k, keep)
         parts = [math.sqrt(_noise_variance(fine[:keep][groups == j])[0]) for j in range(k)
                  if (groups == j).sum() > fine.shape[1]]
-    sigma = math.sqrt(var)
-    return dict(sigma=sigma, std=float(np.std(parts, ddof=1) / math.sqrt(len(parts))) if len(parts) > 1 else math.nan, n=n,
-                method=f'patch PCA on weak-texture patches (Chen et al. 2015; {p}x{p}x{c} patches, {keep} of '
-                       f'{len(idx)} kept, {dims} of {fine.shape[1]} detail dimensions noise only)')
+    std = float(np.std(parts, ddof=1) / math.sqrt(len(parts))) if len(parts) > 1 else math.nan
+    return dict(sigma=math.sqrt(var), std=std, n=n, method=f'patch PCA on weak-texture patches (Chen et al. 2015; {p}x'
+                f'{p}x{c} patches, {keep} of {len(idx)} kept, {dims} of {fine.shape[1]} detail dimensions noise only)')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,9 +542,8 @@ def parse_args(argv=None):
     p.add_argument('--sigma', default='0.2', help='sigma_n, the noise level of the data; "auto" estimates it (images)')
     p.add_argument('--already-noisy', action='store_true', help='the data is noisy as given: add no noise')
     p.add_argument('--estimate-sigma', action='store_true', help='print an estimate of sigma_n (images) and exit')
-    p.add_argument('--loss', choices=['ambient', 'ambient-x0', 'standard'],
-                   help='ambient = Eq. (3), learns the clean score above sigma_n (the paper\'s adjusted way); '
-                        'ambient-x0 = Eq. (3) weighing D\'s own error by lambda (toy default); standard = Eq. (1)')
+    p.add_argument('--loss', choices=['ambient', 'ambient-x0', 'standard'], help='ambient: Eq. (3), the clean score '
+                   'above sigma_n; ambient-x0: Eq. (3), D\'s error weighed by lambda (toy default); standard: Eq. (1)')
     p.add_argument('--preset', default=None, help='cifar10|ffhq64|afhq64|celebahq64|tiny|toy (default: by data)')
     p.add_argument('--kimg', type=float, help='training length in thousands of images')
     p.add_argument('--batch', type=int, help='total batch size')
@@ -659,7 +660,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if cfg['precision'] == 'bf16' else None
     data, sigma_n, loss = torch.from_numpy(y), float(cfg['sigma_n']), cfg['loss']
     total, tick, snap = (steps_of(cfg[k], cfg['batch']) for k in ('kimg', 'tick', 'snap'))
-    start_run(cfg['outdir'], dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), rank, args.resume)
+    start_run(cfg['outdir'], dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu), rank, args.resume and ck)
     units = f' (model units: (x - {cfg["data_shift"]}) / {cfg["data_scale"]:g})' if info['kind'] == 'points' else ''
     print0(f'{info["name"]}: {len(data)} noisy {info["kind"]} {tuple(data.shape[1:])}, sigma_n={sigma_n:g}{units}, '
            f'loss={loss}, preset={cfg["preset"]}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, '

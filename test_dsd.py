@@ -1094,6 +1094,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, stage, toy_t
     part = _kill_after_snapshot([os.path.join(ROOT, args[0]), *args[1:], '--outdir', tmp_path / 'run'], tmp_path,
                                 tmp_path / 'run' / 'latest.pt')
     assert part['state']['step'] < s['steps']
+    with open(tmp_path / 'run' / 'stats.jsonl', 'a') as f:   # as if killed between snapshots: a later tick logged,
+        f.write(json.dumps(dict(kimg=1e9)) + '\n{"kimg": 1')  # and the next one cut off mid-line
     res = _run(*args, '--outdir', tmp_path / 'run', '--resume', cwd=tmp_path)
     assert res.returncode == 0 and 'resuming' in res.stdout, res.stderr
     a, b = (torch.load(tmp_path / d / 'latest.pt', weights_only=True) for d in ('ref', 'run'))
@@ -1103,6 +1105,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, stage, toy_t
     _state = lambda c: c['state']['net' if stage == 'pretrain' else 'G']
     assert all(torch.allclose(a['ema'][k], b['ema'][k], atol=1e-6, rtol=1e-6) for k in a['ema'])
     assert all(torch.allclose(_state(a)[k], _state(b)[k], atol=1e-6, rtol=1e-6) for k in _state(a))
+    ticks = lambda run: [json.loads(t)['kimg'] for t in open(tmp_path / run / 'stats.jsonl')]
+    assert ticks('run') == ticks('ref')        # the resumed run's log holds each tick once, in order
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1511,6 +1515,10 @@ def test_fid_cli_bad_input(tmp_path, monkeypatch):
     gen, points_teacher = _tiny_ckpt(tmp_path / 'g.pt', 'generator'), _tiny_ckpt(tmp_path / 't.pt', points=True)
     with pytest.raises(SystemExit, match='g.pt was distilled from another teacher than --net'):
         fid.main(['figure', '--net', points_teacher, '--generator', gen, '--out', str(tmp_path / 'f.png')])
+    for sigma in ('-1', 'nan'):
+        with pytest.raises(SystemExit):
+            fid.main(['ref', '--data', 'shapes', '--features', 'pixel', '--sigma', sigma, '--out', f'{tmp_path}/r.npz'])
+    assert not os.path.exists(tmp_path / 'r.npz')
     for out in ('f.txt', 'no/f.png'):                             # checked before any sampling
         with pytest.raises(SystemExit, match=f'--out .*{out}: give an image file'):
             fid.main(['figure', '--net', points_teacher, '--generator', gen, '--out', str(tmp_path / out)])
