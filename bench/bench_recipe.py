@@ -466,7 +466,8 @@ def main(argv=None):
     p.add_argument('--sets', default=','.join(s for s in SETS if s != 'photo'),
                    help=f'comma-separated, from {", ".join(SETS)}')
     p.add_argument('--grid', default='defaults', choices=list(GRIDS))
-    p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
+    p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each (--jobs 1: one run on two '
+                   'threads; two such invocations side by side oversubscribe 2 cores, measured 6x slower)')
     p.add_argument('--n', type=int, default=20000, help='training set size')
     p.add_argument('--out', default=os.path.join('runs', 'bench-recipe'))
     p.add_argument('--quick', action='store_true', help='a smoke test: tiny sets and budgets')
