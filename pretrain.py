@@ -410,14 +410,14 @@ def log_tick(outdir, sums, step, total_steps, batch, tick_start, run_start, devi
 
 
 def start_run(outdir, record, rank, resumed=None):
-    if resumed is None and os.path.isfile(os.path.join(outdir, 'latest.pt')):   # a fresh start never writes over a run
+    if not resumed and os.path.isfile(os.path.join(outdir, 'latest.pt')):     # a fresh start never writes over a run
         die(f'{outdir} holds a run (latest.pt); add --resume to continue it, or use another --outdir (or delete it)')
     if rank == 0:
         os.makedirs(outdir, exist_ok=True)
         with open(os.path.join(outdir, 'config.json'), 'w') as f:
             json.dump(record, f, indent=2, default=str)
         log = os.path.join(outdir, 'stats.jsonl')
-        if resumed is not None and os.path.isfile(log):   # drop the ticks a killed run logged after its snapshot
+        if resumed and os.path.isfile(log):   # drop the ticks a killed run logged after its snapshot
             with open(log) as f:
                 ticks = [t for t in f if t.endswith('\n') and json.loads(t)['kimg'] <= resumed['kimg']]
             with open(log, 'w') as f:
