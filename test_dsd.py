@@ -1516,7 +1516,7 @@ def test_fid_cli_bad_input(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match='g.pt was distilled from another teacher than --net'):
         fid.main(['figure', '--net', points_teacher, '--generator', gen, '--out', str(tmp_path / 'f.png')])
     for sigma in ('-1', 'nan'):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit, match=f'--sigma {float(sigma)}: must be >= 0'):
             fid.main(['ref', '--data', 'shapes', '--features', 'pixel', '--sigma', sigma, '--out', f'{tmp_path}/r.npz'])
     assert not os.path.exists(tmp_path / 'r.npz')
     for out in ('f.txt', 'no/f.png'):                             # checked before any sampling
