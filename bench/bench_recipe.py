@@ -240,12 +240,11 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'bf16': [({'--precision': 'bf16'}, dict(COS88, **{'--precision': 'bf16'}))],   # tiny in bf16 autocast, both stages
     'points-fake': [(TOY_X0, dict(TOY_DIST, **d)) for d in   # alpha 1.0 (AFHQ's), K = 2 in the same time
                     ({}, {'--alpha': '1.0'}, {'--fake-steps': '2', '--kimg': '1408'})],
-    'fake-lr-1e-4': [({}, {'--lr': '1e-4'})],   # Hubble: a fake-net/generator blow-up at 40 kimg; lr 1e-4 avoids it
-    'bf16-fake-lr-1e-4': [({'--precision': 'bf16'}, dict(COS88, **{'--precision': 'bf16', '--lr': '1e-4'}))],   # vs bf16
-    'fake-lr-2e-4': [({}, {'--lr': '2e-4'})],   # between the two: does it stop Hubble's blow-up and keep smooth?
-    'bf16-fake-lr-2e-4': [({'--precision': 'bf16'}, dict(COS88, **{'--precision': 'bf16', '--lr': '2e-4'}))],
-    'teacher-240-fake-lr-1e-4': [({'--kimg': '240'}, {'--lr': '1e-4'})],   # retina-240's drift after 20 kimg
-    'teacher-240-fake-lr-2e-4': [({'--kimg': '240'}, {'--lr': '2e-4'})],
+    # the fake net's lr: 1e-4 stops Hubble's blow-up at 40 kimg, 2e-4 lies between; and what each costs where calm
+    **{g: v for lr in ('1e-4', '2e-4') for g, v in (
+        (f'fake-lr-{lr}', [({}, {'--lr': lr})]),
+        (f'bf16-fake-lr-{lr}', [({'--precision': 'bf16'}, dict(COS88, **{'--precision': 'bf16', '--lr': lr}))]),
+        (f'teacher-240-fake-lr-{lr}', [({'--kimg': '240'}, {'--lr': lr})]))},   # from retina-240's teacher
     'teacher-240': [({'--kimg': '240'}, {})],   # retina: the 120-kimg teacher drops the border mode; 240 learns it
     'points-sigma-init-low': [(TOY_X0, dict(TOY_DIST, **{'--sigma-init': s})) for s in ('0.25', '0.125')],   # sharper G
 }
