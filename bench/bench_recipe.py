@@ -245,6 +245,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
         (f'fake-lr-{lr}', [({}, {'--lr': lr})]),
         (f'bf16-fake-lr-{lr}', [({'--precision': 'bf16'}, dict(COS88, **{'--precision': 'bf16', '--lr': lr}))]),
         (f'teacher-240-fake-lr-{lr}', [({'--kimg': '240'}, {'--lr': lr})]))},   # from retina-240's teacher
+    'distill-seed-1': [({}, {'--seed': '1'})],   # the same teacher, another distillation seed: is a blow-up chance?
     'teacher-240': [({'--kimg': '240'}, {})],   # retina: the 120-kimg teacher drops the border mode; 240 learns it
     'points-sigma-init-low': [(TOY_X0, dict(TOY_DIST, **{'--sigma-init': s})) for s in ('0.25', '0.125')],   # sharper G
 }
