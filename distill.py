@@ -303,15 +303,16 @@ def snapshot(cfg, step, best, G_ema, train_state, teacher_ckpt, refs, device):
         feats = generated_features(G_ema, ckpt, list(range(cfg['fid_num'])), cfg['features'], device, refs['inception'])
         ckpt['metrics']['fid'] = frechet_distance(*stats_of(feats), *refs['clean'])
     score = ckpt['metrics'].get('proximal_fd', math.inf)
-    state = dict({k: v.state_dict() for k, v in train_state.items()}, step=step, best=min(best, score))
-    write_snapshot(cfg['outdir'], dict(ckpt, state=state), G_ema, device)
-    if score < best or score == best == math.inf:          # without metrics, best.pt is the latest
-        save_checkpoint(os.path.join(cfg['outdir'], 'best.pt'), ckpt)
     kind = label_of(cfg['features'], G_ema.config['arch'] == 'mlp')
     names = dict(proximal_fd=f'proximal {kind}', fid=kind)
     print0(f'snapshot {kimg:.2f} kimg  ' + '  '.join(f'{names[k]} {v:.4f}' for k, v in ckpt['metrics'].items()))
     with open(os.path.join(cfg['outdir'], 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(dict(kimg=kimg, **ckpt['metrics'])) + '\n')
+    if score < best or score == best == math.inf:          # without metrics, best.pt is the latest
+        save_checkpoint(os.path.join(cfg['outdir'], 'best.pt'), ckpt)
+    # latest.pt last: a run killed before it resumes from the snapshot before, which rewrites the above
+    state = dict({k: v.state_dict() for k, v in train_state.items()}, step=step, best=min(best, score))
+    write_snapshot(cfg['outdir'], dict(ckpt, state=state), G_ema, device)
     return min(best, score)
 
 

@@ -264,9 +264,8 @@ def load_inception(path=None, device='cpu'):
 # Features and statistics.
 
 def features(images, batch=64, device='cpu', net=None, kind='inception'):
-    """Features of uint8 NHWC images (one array, or an iterator of arrays): (N, 2048) float32 Inception pool3
-    features, or for kind='pixel' the flattened pixels scaled to [-1, 1] (N, H*W*C) float64.
-    `net` defaults to load_inception() (weights file needed)."""
+    """Features of uint8 NHWC images (one array, or an iterator of arrays): (N, 2048) float32 Inception pool3 features
+    (`net` defaults to load_inception()), or for kind='pixel' the flattened pixels in [-1, 1], (N, H*W*C) float64."""
     if kind not in LABEL:
         raise ValueError(f'unknown feature kind {kind!r}; use one of {list(LABEL)}')
     if kind == 'inception' and net is None:

@@ -57,9 +57,8 @@ def init_distributed(device=None):
     return rank, world, device
 
 def end_distributed(world):
-    """The last barrier, then teardown. The barrier's handle stays here for the exiting interpreter to free: under
-    DDP, a gloo thread that frees it as Python shuts down aborts the process (terminate called without an active
-    exception)."""
+    """The last barrier, then teardown. The barrier's handle stays here for the exiting interpreter to free: under DDP,
+    a gloo thread that frees it as Python shuts down aborts the process ("terminate called without an active ...")."""
     if world > 1:
         end_distributed.barrier = dist.barrier(async_op=True)
         end_distributed.barrier.wait()
@@ -363,6 +362,10 @@ def load_checkpoint(path, sigma_n=None, sigma_init=None, kind=None):
     if not isinstance(ckpt, dict) or ckpt.get('format') != 'dsd-1':
         die(f"{path}: not a DSD checkpoint (expected a dict with format 'dsd-1'); convert EDM/SiD .pkl files with "
             "`python networks.py convert IN.pkl OUT.pt`")
+    lacks = [k for k in ['kind', 'net', 'ema', 'sigma_n', 'loss'] + ['sigma_init'] * (ckpt.get('kind') == 'generator')
+             if k not in ckpt]
+    if lacks or not all(v.isfinite().all() for v in ckpt['ema'].values() if v.is_floating_point()):   # never garbage
+        die(f'{path}: damaged ({"no " + ", ".join(lacks) if lacks else "non-finite weights"}); use another snapshot')
     return ckpt
 
 # ------------------------------------------------------------------------------------------------

@@ -350,11 +350,10 @@ def split_batch(batch, batch_gpu, world):
 
 
 def optimize(opt, net, ddp, loss_fn, tensors, seed, rank, world, batch_gpu, device, dtype=None):
-    """One optimizer step on loss_fn(*micro-batch) over this process's share of the global batch `tensors` (None
-    passes through). Gradients accumulate over micro-batches and DDP averages them over processes on the last one.
-    Dropout is seeded by (seed, first sample of the micro-batch), so N processes with --batch-gpu B take the step one
-    process with --batch-gpu B takes. Samples with a non-finite loss are dropped and non-finite gradients zeroed:
-    one bad sample cannot poison the weights. Returns (sum of per-sample mean losses, samples, samples dropped)."""
+    """One optimizer step on loss_fn(*micro-batch) over this process's share of the global batch `tensors` (None passes
+    through); gradients accumulate over micro-batches, DDP averages them over processes on the last. Dropout is seeded
+    by (seed, first sample of the micro-batch), so N processes with --batch-gpu B step as one with B does. Samples with
+    a non-finite loss are dropped, non-finite gradients zeroed. Returns (sum of per-sample mean losses, samples, drops)."""
     share = len(tensors[0]) // world
     opt.zero_grad(set_to_none=True)
     total, done, bad = 0.0, 0, 0
@@ -416,12 +415,12 @@ def start_run(outdir, record, rank, resumed=None):
         os.makedirs(outdir, exist_ok=True)
         with open(os.path.join(outdir, 'config.json'), 'w') as f:
             json.dump(record, f, indent=2, default=str)
-        log = os.path.join(outdir, 'stats.jsonl')
-        if resumed and os.path.isfile(log):   # drop the ticks a killed run logged after its snapshot
-            with open(log) as f:
-                ticks = [t for t in f if t.endswith('\n') and json.loads(t)['kimg'] <= resumed['kimg']]
-            with open(log, 'w') as f:
-                f.writelines(ticks)
+        for log in (os.path.join(outdir, name) for name in ('stats.jsonl', 'metrics.jsonl')):
+            if resumed and os.path.isfile(log):   # drop the lines a killed run wrote after its latest.pt
+                with open(log) as f:
+                    lines = [t for t in f if t.endswith('\n') and json.loads(t)['kimg'] <= resumed['kimg']]
+                with open(log, 'w') as f:
+                    f.writelines(lines)
 
 
 def resume_checkpoint(resume, outdir, kind, net_config, cfg, keys):
@@ -470,9 +469,8 @@ def _mp_median(ratio):
 
 
 def _noise_variance(d):
-    """Chen et al.'s rule on the covariance of the rows of d: the largest set of smallest eigenvalues whose mean,
-    scaled by the finite-sample median of pure noise, is not above their median holds noise only; sigma^2 is their
-    mean. Returns (sigma^2, how many eigenvalues)."""
+    """Chen et al.'s rule on the covariance of d's rows: the largest set of smallest eigenvalues whose mean, scaled
+    by the finite-sample median of noise, is not above their median holds noise only. Returns (their mean, count)."""
     t = torch.from_numpy(d)
     t = t - t.mean(0, dtype=torch.float64).float()
     lam = np.clip(np.linalg.eigvalsh((t.T @ t).double().numpy() / (len(d) - 1)), 0, None)   # ascending

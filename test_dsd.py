@@ -1096,6 +1096,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, stage, toy_t
     assert part['state']['step'] < s['steps']
     with open(tmp_path / 'run' / 'stats.jsonl', 'a') as f:   # as if killed between snapshots: a later tick logged,
         f.write(json.dumps(dict(kimg=1e9)) + '\n{"kimg": 1')  # and the next one cut off mid-line
+    if stage == 'distill':                                     # ... or inside one, after its metrics, before latest.pt
+        with open(tmp_path / 'run' / 'metrics.jsonl', 'a') as f:
+            f.write(json.dumps(dict(kimg=1e9, proximal_fd=0.0)) + '\n')
     res = _run(*args, '--outdir', tmp_path / 'run', '--resume', cwd=tmp_path)
     assert res.returncode == 0 and 'resuming' in res.stdout, res.stderr
     a, b = (torch.load(tmp_path / d / 'latest.pt', weights_only=True) for d in ('ref', 'run'))
@@ -1105,8 +1108,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, stage, toy_t
     _state = lambda c: c['state']['net' if stage == 'pretrain' else 'G']
     assert all(torch.allclose(a['ema'][k], b['ema'][k], atol=1e-6, rtol=1e-6) for k in a['ema'])
     assert all(torch.allclose(_state(a)[k], _state(b)[k], atol=1e-6, rtol=1e-6) for k in _state(a))
-    ticks = lambda run: [json.loads(t)['kimg'] for t in open(tmp_path / run / 'stats.jsonl')]
-    assert ticks('run') == ticks('ref')        # the resumed run's log holds each tick once, in order
+    lines = lambda run, log='stats.jsonl': [json.loads(t) for t in open(tmp_path / run / log)]
+    assert [t['kimg'] for t in lines('run')] == [t['kimg'] for t in lines('ref')]   # each tick once, in order
+    if stage == 'distill':                     # each snapshot's metrics once, and best.pt the lowest of them
+        run, ref = lines('run', 'metrics.jsonl'), lines('ref', 'metrics.jsonl')
+        assert [m['kimg'] for m in run] == [m['kimg'] for m in ref]
+        assert [m['proximal_fd'] for m in run] == pytest.approx([m['proximal_fd'] for m in ref], rel=1e-4)
+        best = min(run, key=lambda m: m['proximal_fd'])
+        assert torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)['kimg'] == best['kimg']
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1214,6 +1223,16 @@ def test_sample_cli_writes_pngs_npz_and_refuses_bad_input(tmp_path):
     torch.save(other, tmp_path / 'other.pt')
     _one_line_error(_run('sample.py', '--net', str(tmp_path / 'other.pt'), '--grid', 'g.png', cwd=tmp_path),
                     'neither a teacher nor a generator')
+    other = torch.load(gen, weights_only=True)
+    del other['sigma_init'], other['loss']                     # a damaged file is refused, not sampled from
+    torch.save(other, tmp_path / 'other.pt')
+    _one_line_error(_run('sample.py', '--net', str(tmp_path / 'other.pt'), '--grid', 'g.png', cwd=tmp_path),
+                    r'other.pt: damaged \(no loss, sigma_init\)')
+    other = torch.load(gen, weights_only=True)
+    next(v for v in other['ema'].values() if v.is_floating_point()).view(-1)[0] = math.nan
+    torch.save(other, tmp_path / 'other.pt')
+    with pytest.raises(SystemExit, match=r'other.pt: damaged \(non-finite weights\)'):
+        sample.main(['--net', str(tmp_path / 'other.pt'), '--grid', str(tmp_path / 'g.png')])
 
 
 def test_grids_of_small_images_are_enlarged_to_be_seen():
