@@ -250,7 +250,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
        for g, t in (('seed-1-lrs', {}), ('teacher-240-seed-1-lrs', {'--kimg': '240'}))},   # is either's loss chance?
     'teacher-240-seed-1-glr-3e-5': [({'--kimg': '240'}, {'--seed': '1', '--glr': '3e-5'})],   # retina's drift: G too fast?
     'teacher-240-seed-2': [({'--kimg': '240'}, {'--seed': '2'})],   # the retina's default at a third distillation seed
-    'teacher-240-alpha-1': [({'--kimg': '240'}, {'--seed': s, '--alpha': '1.0'}) for s in ('0', '2')],   # drift: alpha?
+    'teacher-240-alpha-1': [({'--kimg': '240'}, {'--seed': s, **d}) for s in '02' for d in ({'--alpha': '1.0'}, {})],
     'teacher-240': [({'--kimg': '240'}, {})],   # retina: the 120-kimg teacher drops the border mode; 240 learns it
     'points-sigma-init-low': [(TOY_X0, dict(TOY_DIST, **{'--sigma-init': s})) for s in ('0.25', '0.125')],   # sharper G
 }
