@@ -470,7 +470,7 @@ def _mp_median(ratio):
 
 def _noise_variance(d):
     """Chen et al.'s rule on the covariance of d's rows: the largest set of smallest eigenvalues whose mean, scaled
-    by the finite-sample median of noise, is not above their median holds noise only. Returns (their mean, count)."""
+    by the finite-sample median of noise, is not above their median is noise alone. Returns (sigma^2 = their mean, count)."""
     t = torch.from_numpy(d)
     t = t - t.mean(0, dtype=torch.float64).float()
     lam = np.clip(np.linalg.eigvalsh((t.T @ t).double().numpy() / (len(d) - 1)), 0, None)   # ascending
