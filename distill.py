@@ -33,9 +33,8 @@ from sample import one_step, sample_shape
 # --dropout 0.05, --augment 0.15. celebahq64 has no SiD recipe; the authors' RSD code gives it FFHQ's
 # (TianyuCodings/RSD run_bash/distill.sh, operator/run_bash/celeba_train_sid.sh). In all, the fake net's Adam betas
 # are (0, 0.999) and init_sigma is 2.5 (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64).
-# dropout: fake net and generator; augment: the fake net's loss (None: the teacher's); fake_sigma: the fake net's
-# Eq. (3) noise levels, clamped to sigma_n (authors') or drawn above it; glr_end: glr at the run's end as a fraction of
-# its start, reached on a cosine (SiD: 1, constant). tiny and toy are CPU recipes: bench/RECIPES.md says why.
+# dropout: fake net's and G's; augment: the fake net's (None: the teacher's); fake_sigma: the fake net's Eq. (3) sigma,
+# clamped to sigma_n (authors') or above it; glr_end: last glr / glr, on a cosine (SiD: 1). tiny, toy: bench/RECIPES.md
 _SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
             fid_num=50000, fake_sigma='clamp', fake_steps=1, glr_end=1.0)
 RECIPES = {
@@ -191,11 +190,12 @@ def resolve(args):
     elif args.augment and not net['augment_dim']:
         die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
     recipe['dropout'] = net['dropout'] if recipe['dropout'] is None else recipe['dropout']
-    cfg = dict(teacher_path=path, data=data, sigma_n=float(sigma_n), data_scale=scale,
-               data_shift=tcfg.get('data_shift', 0.0), loss=loss, method=args.method,
-               tmax=args.tmax, sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min,
-               lsg=args.lsg, seed=args.seed, precision=args.precision, features=features, ref=args.ref, preset=preset,
-               **recipe, outdir=args.outdir or os.path.join('runs', f'distill-{name}-sigma{sigma_n * scale:g}'))
+    cfg = dict(teacher_path=path, teacher_weights_sum=float(sum(v.double().sum() for v in teacher['ema'].values())),
+               data=data, sigma_n=float(sigma_n), data_scale=scale, data_shift=tcfg.get('data_shift', 0.0), loss=loss,
+               method=args.method, tmax=args.tmax, lsg=args.lsg, seed=args.seed, precision=args.precision,
+               sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min, features=features,
+               ref=args.ref, preset=preset, **recipe,
+               outdir=args.outdir or os.path.join('runs', f'distill-{name}-sigma{sigma_n * scale:g}'))
     return cfg, teacher
 
 
@@ -224,7 +224,7 @@ def main(argv=None):
     step, best = 0, math.inf
     if args.resume:
         ck = resume_checkpoint(args.resume, cfg['outdir'], 'generator', G.config, cfg,
-                               ('sigma_n', 'loss', 'method', 'seed', 'batch', 'sigma_init'))
+                               ('sigma_n', 'loss', 'method', 'seed', 'batch', 'sigma_init', 'teacher_weights_sum'))
         for k, v in train_state.items():   # optimizers: moments from the file, lr and betas from this run's flags
             saved = ck['state'][k]
             v.load_state_dict(dict(saved, param_groups=v.state_dict()['param_groups']) if 'opt' in k else saved)

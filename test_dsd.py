@@ -859,6 +859,11 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
         distill.main([*run, '--kimg', '0.128', '--sigma-init', '1.0', '--resume'])
     with pytest.raises(SystemExit, match=r'r holds a run \(latest.pt\); add --resume'):   # never started over
         distill.main([*run, '--kimg', '0.064'])
+    other = torch.load(toy_teacher, weights_only=True)        # the same teacher trained on: other weights
+    next(iter(other['ema'].values())).add_(1e-3)
+    networks.save_checkpoint(tmp_path / 'other.pt', other)
+    with pytest.raises(SystemExit, match='that run used teacher_weights_sum=.*; use its flags'):
+        distill.main([*run, '--kimg', '0.128', '--teacher', str(tmp_path / 'other.pt'), '--resume'])
     np.save(tmp_path / 'other.npy', np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32))
     with pytest.raises(SystemExit, match=r'other.npy: not the noisy set the teacher trained on \(its --data: toy\)'):
         distill.main(['--teacher', toy_teacher, '--data', str(tmp_path / 'other.npy'), '--fid-num', '100', '--kimg',
