@@ -17,8 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from fid import (frechet_distance, generated_features, label_of, load_inception, load_stats, noisy_reference, proximal,
-                 stats_of)
+from fid import (file_sha256, frechet_distance, generated_features, label_of, load_inception, load_stats,
+                 noisy_reference, proximal, stats_of)
 from networks import build_net, die, end_distributed, init_distributed, load_checkpoint, print0, save_checkpoint
 from pretrain import (apply_augment, augment_choices, check_ranges, denoising_loss, ema_beta, log_tick, on_device,
                       optimize, resume_checkpoint, sample_sigma, split_batch, start_run, step_generator, steps_of,
@@ -190,11 +190,10 @@ def resolve(args):
     elif args.augment and not net['augment_dim']:
         die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
     recipe['dropout'] = net['dropout'] if recipe['dropout'] is None else recipe['dropout']
-    cfg = dict(teacher_path=path, teacher_weights_sum=float(sum(v.double().sum() for v in teacher['ema'].values())),
-               data=data, sigma_n=float(sigma_n), data_scale=scale, data_shift=tcfg.get('data_shift', 0.0), loss=loss,
-               method=args.method, tmax=args.tmax, lsg=args.lsg, seed=args.seed, precision=args.precision,
-               sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min, features=features,
-               ref=args.ref, preset=preset, **recipe,
+    cfg = dict(teacher_path=path, teacher_sha256=file_sha256(path)[:16], data=data, sigma_n=float(sigma_n),
+               data_scale=scale, data_shift=tcfg.get('data_shift', 0.0), loss=loss, method=args.method, tmax=args.tmax,
+               sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min, lsg=args.lsg,
+               seed=args.seed, precision=args.precision, features=features, ref=args.ref, preset=preset, **recipe,
                outdir=args.outdir or os.path.join('runs', f'distill-{name}-sigma{sigma_n * scale:g}'))
     return cfg, teacher
 
@@ -224,7 +223,7 @@ def main(argv=None):
     step, best = 0, math.inf
     if args.resume:
         ck = resume_checkpoint(args.resume, cfg['outdir'], 'generator', G.config, cfg,
-                               ('sigma_n', 'loss', 'method', 'seed', 'batch', 'sigma_init', 'teacher_weights_sum'))
+                               ('sigma_n', 'loss', 'method', 'seed', 'batch', 'sigma_init', 'teacher_sha256'))
         for k, v in train_state.items():   # optimizers: moments from the file, lr and betas from this run's flags
             saved = ck['state'][k]
             v.load_state_dict(dict(saved, param_groups=v.state_dict()['param_groups']) if 'opt' in k else saved)

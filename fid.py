@@ -203,7 +203,7 @@ class InceptionV3(nn.Module):
             x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
-def _sha256(path):
+def file_sha256(path):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -232,7 +232,7 @@ def find_weights(path=None, download=True, timeout=60):
             with urllib.request.urlopen(WEIGHTS_URL, timeout=timeout) as r, open(tmp, 'wb') as f:
                 for chunk in iter(lambda: r.read(1 << 20), b''):
                     f.write(chunk)
-            if _sha256(tmp) != WEIGHTS_SHA256:  # a broken or wrong transfer never lands in the cache
+            if file_sha256(tmp) != WEIGHTS_SHA256:  # a broken or wrong transfer never lands in the cache
                 raise OSError('sha256 mismatch')
             os.replace(tmp, dest)
             return dest

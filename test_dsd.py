@@ -862,7 +862,7 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
     other = torch.load(toy_teacher, weights_only=True)        # the same teacher trained on: other weights
     next(iter(other['ema'].values())).add_(1e-3)
     networks.save_checkpoint(tmp_path / 'other.pt', other)
-    with pytest.raises(SystemExit, match='that run used teacher_weights_sum=.*; use its flags'):
+    with pytest.raises(SystemExit, match='that run used teacher_sha256=.*; use its flags'):
         distill.main([*run, '--kimg', '0.128', '--teacher', str(tmp_path / 'other.pt'), '--resume'])
     np.save(tmp_path / 'other.npy', np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32))
     with pytest.raises(SystemExit, match=r'other.npy: not the noisy set the teacher trained on \(its --data: toy\)'):
