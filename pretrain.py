@@ -435,8 +435,8 @@ def resume_checkpoint(resume, outdir, kind, net_config, cfg, keys):
         diff = sorted(k for k in set(ck['net']) | set(net_config) if ck['net'].get(k) != net_config.get(k))
         die(f'--resume {path}: that run has another architecture (differs in {", ".join(diff)}); use its flags '
             f'or a new --outdir')
-    for k in keys:
-        if ck['config'].get(k) != cfg[k]:
+    for k in keys:                      # a key an older version did not record is not checked
+        if k in ck['config'] and ck['config'][k] != cfg[k]:
             die(f'--resume {path}: that run used {k}={ck["config"].get(k)!r}, this one {cfg[k]!r}; use its flags '
                 f'or a new --outdir')
     print0(f'resuming {path} at {ck["kimg"]:g} kimg (step {ck["state"]["step"]})')

@@ -864,6 +864,10 @@ def test_distill_bad_input_ends_in_one_clear_line(tmp_path, toy_teacher):
     networks.save_checkpoint(tmp_path / 'other.pt', other)
     with pytest.raises(SystemExit, match='that run used teacher_sha256=.*; use its flags'):
         distill.main([*run, '--kimg', '0.128', '--teacher', str(tmp_path / 'other.pt'), '--resume'])
+    old = torch.load(tmp_path / 'r' / 'latest.pt', weights_only=True)   # a run from before the teacher was recorded
+    del old['config']['teacher_sha256']
+    networks.save_checkpoint(tmp_path / 'r' / 'latest.pt', old)
+    distill.main([*run, '--kimg', '0.192', '--resume'])                 # resumes: what was not recorded is not checked
     np.save(tmp_path / 'other.npy', np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32))
     with pytest.raises(SystemExit, match=r'other.npy: not the noisy set the teacher trained on \(its --data: toy\)'):
         distill.main(['--teacher', toy_teacher, '--data', str(tmp_path / 'other.npy'), '--fid-num', '100', '--kimg',

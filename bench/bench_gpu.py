@@ -598,11 +598,11 @@ def end_to_end_in(a, dev, root):
                          npz_shape=list(u8.shape), npz_dtype=str(u8.dtype),
                          ok=bool(torch.isfinite(x).all()) and u8.shape == (16, res, res, 3) and u8.dtype == np.uint8
                          and os.path.isfile(os.path.join(root, 'teacher.npz')))
-    # --resume continues at the checkpoint's step
-    run('pretrain --resume', pretrain.main, pre + ['--kimg', kimg(n2), '--snap', kimg(n2), '--resume'])
-    out['pretrain_resume'] = check_run(pre_dir, 'teacher', n2, B, n1)
+    # --resume continues at the checkpoint's step; distill first: a teacher trained on is another teacher
     run('distill --resume', distill.main, dis + ['--kimg', kimg(n2), '--snap', kimg(n2), '--resume'])
     out['distill_resume'] = check_run(dis_dir, 'generator', n2, B, n1)
+    run('pretrain --resume', pretrain.main, pre + ['--kimg', kimg(n2), '--snap', kimg(n2), '--resume'])
+    out['pretrain_resume'] = check_run(pre_dir, 'teacher', n2, B, n1)
     out['seconds'] = timed
     out['ok'] = all(out[k]['ok'] for k in ('pretrain', 'distill', 'sample', 'pretrain_resume', 'distill_resume'))
     return out
