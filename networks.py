@@ -355,7 +355,7 @@ def load_checkpoint(path, sigma_n=None, sigma_init=None, kind=None):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch's refusal advises an unsafe retry: never relay it
-        if 'weights only' in str(e).lower():
+        if 'weights only' in str(e).lower() and head.startswith((b'PK', b'\x80')):   # a zip or a pickle
             die(f'{path}: refused: it holds Python objects besides tensors and plain values, and loading those could '
                 f'run code; DSD checkpoints hold none (EDM/SiD .pkl files: `python networks.py convert IN.pkl OUT.pt`)')
         die(f'{path}: not a readable torch checkpoint ({type(e).__name__}); truncated, or not a .pt file')

@@ -520,10 +520,12 @@ def test_networks_checkpoint_atomic(tmp_path, monkeypatch):
 
 def test_networks_load_checkpoint_errors(tmp_path):
     (tmp_path / 'text.pt').write_text('hello')
+    (tmp_path / 'notes.pt').write_text('# notes\n')        # torch calls this a weights-only refusal
     torch.save({'ema': {}}, tmp_path / 'other.pt')
     torch.save({'format': 'dsd-1', 'ema': _NetworksFakeObj('Anything')}, tmp_path / 'objects.pt')
     for name, word in [('missing.pt', 'no such'), ('text.pt', 'not a readable torch checkpoint'),
-                       ('other.pt', 'dsd-1'), ('objects.pt', 'refused: it holds Python objects')]:
+                       ('notes.pt', 'not a readable torch checkpoint'), ('other.pt', 'dsd-1'),
+                       ('objects.pt', 'refused: it holds Python objects')]:
         with pytest.raises(SystemExit) as e:
             networks.load_checkpoint(tmp_path / name)
         msg = str(e.value)
