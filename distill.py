@@ -205,9 +205,6 @@ def main(argv=None):
     if device.type == 'cpu' and teacher_ckpt['net'].get('arch') == 'mlp':
         torch.set_num_threads(1)        # the point MLP is too small for intra-op threads to pay off
     batch_gpu = split_batch(cfg['batch'], args.batch_gpu, world)
-    if args.dry_run:
-        print0(json.dumps(dict(config=cfg, teacher_net=teacher_ckpt['net'], world=world, batch_gpu=batch_gpu), indent=2))
-        return
     B, shape, method = cfg['batch'], sample_shape(teacher_ckpt['net']), cfg['method']
 
     # Alg. 1, lines 1-2: the frozen teacher f_phi; G_theta, f_psi start as copies of its EMA weights (recipe's dropout)
@@ -229,6 +226,9 @@ def main(argv=None):
             v.load_state_dict(dict(saved, param_groups=v.state_dict()['param_groups']) if 'opt' in k else saved)
         G_ema.load_state_dict(ck['ema'])
         step, best = ck['state']['step'], ck['state']['best']
+    if args.dry_run:                                   # after --resume was checked
+        print0(json.dumps(dict(config=cfg, teacher_net=teacher_ckpt['net'], world=world, batch_gpu=batch_gpu), indent=2))
+        return
     wrap = lambda m: torch.nn.parallel.DistributedDataParallel(
         m, device_ids=[device] if device.type == 'cuda' else None) if world > 1 else m
     G_ddp, fake_ddp = wrap(G), wrap(fake)

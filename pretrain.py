@@ -629,11 +629,6 @@ def main(argv=None):
         dist.all_gather_object(shas, cfg['noisy_sha256'])
         if len(set(shas)) > 1:
             die(f'the ranks drew different noisy sets ({shas}); check that every node sees the same --data')
-    if args.dry_run:
-        print0(json.dumps(dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu, data_shape=list(y.shape)),
-                          indent=2, default=str))
-        return
-
     # Alg. 2, line 1: the network D_phi, its EMA (the teacher) and the optimizer.
     torch.manual_seed(cfg['seed'])
     net = build_net(net_cfg).to(device)
@@ -651,6 +646,10 @@ def main(argv=None):
         for m, state in ((net, ck['state']['net']), (ema, ck['ema']), (opt, ck['state']['opt'])):
             m.load_state_dict(state)
         step = ck['state']['step']
+    if args.dry_run:                                # after --init / --resume were checked
+        print0(json.dumps(dict(config=cfg, net=net_cfg, world=world, batch_gpu=batch_gpu, data_shape=list(y.shape)),
+                          indent=2, default=str))
+        return
     net, ema = on_device(net, device), on_device(ema, device)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None) \
         if world > 1 else net
