@@ -1973,6 +1973,11 @@ def test_bench_recipe_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [line.split()[1:] for line in r.stdout.splitlines()[1:]]
     assert len(rows) == 2 and all(len(v) == 7 and all(math.isfinite(float(x)) for x in v) for v in rows), r.stdout
+    r = _run('bench/bench_spectrum.py', '--fresh', tmp_path / 'b' / 'leaves-fresh.npy', '--gain', teacher / 'latest.pt',
+             cwd=tmp_path)                              # --gain: a row of six finite gains per band
+    rows = [line.split(':')[-1].split() for line in r.stdout.splitlines()[1:]]
+    assert r.returncode == 0 and len(rows) == 4 and all(len(v) == 6 and all(map(math.isfinite, map(float, v)))
+                                                        for v in rows), r.stdout + r.stderr[-2000:]
     bad = _run('bench/bench_spectrum.py', '--fresh', tmp_path / 'none.npy', run / 'best.pt', cwd=tmp_path)
     _one_line_error(bad, r'--fresh .*none\.npy: needs an existing \.npy of clean images \(N, 3, H, W\)')
 
@@ -2035,6 +2040,17 @@ def test_bench_spectrum_sees_blur_and_grain():
     b, g = bench_spectrum.describe(blur, clean), bench_spectrum.describe(grain, clean)
     assert b['bands'][-1] < 0.2 < b['bands'][0] and b['var'] < 0.5 and b['fd'] > other['fd'], b
     assert g['bands'][-1] > 1.1 and g['var'] > 1.1, g
+
+
+def test_bench_spectrum_gain_of_known_filters():
+    """bench_spectrum.band_gain: a denoiser that returns its input passes all of a grain in every band, one that
+    returns a constant none, and a 2x2 box blur most of the coarsest band's and little of the finest's."""
+    x = np.random.default_rng(0).uniform(-1, 1, (64, 3, 16, 16)).astype(np.float32)
+    box = lambda y, s: (y + y.roll(1, 2) + y.roll(1, 3) + y.roll((1, 1), (2, 3))) / 4
+    assert np.allclose(bench_spectrum.band_gain(lambda y, s: y, x, [0.1, 0.5]), 1, atol=1e-5)
+    assert np.allclose(bench_spectrum.band_gain(lambda y, s: 0 * y, x, [0.1]), 0)
+    blur = bench_spectrum.band_gain(box, x, [0.2])[:, 0]
+    assert blur[0] > 0.8 and blur[-1] < 0.1 and np.all(np.diff(blur) < 0), blur
 
 
 def test_bench_gpu_cpu_smoke_mode(tmp_path):
