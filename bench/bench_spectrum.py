@@ -27,13 +27,18 @@ import sample   # noqa: E402
 BANDS = ((8, None), (4, 8), (2.67, 4), (2, 2.67))   # periods in px (lower, upper); None: up to the image's width
 
 
+def band_masks(h, w):
+    """For each band of BANDS, which frequencies of an h x w FFT it holds."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing='ij')
+    period = 1 / np.maximum(np.hypot(fy, fx), 1e-9)          # in pixels; the DC term gets a huge period
+    return [(period >= lo) & (period < (hi or w) + 1e-6) for lo, hi in BANDS]
+
+
 def band_power(x):
     """Mean power of (N, C, H, W) images per band of BANDS (each image's mean removed first)."""
     x = np.asarray(x, np.float64)
     power = np.abs(np.fft.fft2(x - x.mean((2, 3), keepdims=True))) ** 2
-    fy, fx = np.meshgrid(np.fft.fftfreq(x.shape[2]), np.fft.fftfreq(x.shape[3]), indexing='ij')
-    period = 1 / np.maximum(np.hypot(fy, fx), 1e-9)          # in pixels; the DC term gets a huge period
-    return np.array([power[..., (period >= lo) & (period < (hi or x.shape[3]) + 1e-6)].mean() for lo, hi in BANDS])
+    return np.array([power[..., keep].mean() for keep in band_masks(*x.shape[2:])])
 
 
 def describe(x, clean):
@@ -48,12 +53,9 @@ def band_gain(denoise, x, sigmas, rms=0.05, seed=0):
     """Per band (rows) and noise level s (columns): <D(x + g + s e, s) - D(x + s e, s), g> / <g, g>, for a grain g of
     RMS rms holding only that band's frequencies and the same noise e in both terms."""
     x, gen = torch.as_tensor(x, dtype=torch.float32), torch.Generator().manual_seed(seed)
-    f = torch.fft.fftfreq(x.shape[-1])
-    period = 1 / torch.hypot(f[:, None], f[None, :]).clamp(min=1e-9)
     gains = np.zeros((len(BANDS), len(sigmas)))
-    for i, (lo, hi) in enumerate(BANDS):
-        keep = (period >= lo) & (period < (hi or x.shape[-1]) + 1e-6)
-        g = torch.fft.ifft2(torch.fft.fft2(torch.randn(x.shape, generator=gen)) * keep).real
+    for i, keep in enumerate(band_masks(*x.shape[2:])):
+        g = torch.fft.ifft2(torch.fft.fft2(torch.randn(x.shape, generator=gen)) * torch.from_numpy(keep)).real
         g = g * rms / g.pow(2).mean().sqrt()
         for j, s in enumerate(sigmas):
             e = s * torch.randn(x.shape, generator=gen)
