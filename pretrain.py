@@ -411,6 +411,8 @@ def log_tick(outdir, sums, step, total_steps, batch, tick_start, run_start, devi
 def start_run(outdir, record, rank, resumed=None):
     if not resumed and os.path.isfile(os.path.join(outdir, 'latest.pt')):     # a fresh start never writes over a run
         die(f'{outdir} holds a run (latest.pt); add --resume to continue it, or use another --outdir (or delete it)')
+    if resumed:                      # here, not in resume_checkpoint, so that a --dry-run prints JSON only
+        print0(f'resuming {outdir} at {resumed["kimg"]:g} kimg (step {resumed["state"]["step"]})')
     if rank == 0:
         os.makedirs(outdir, exist_ok=True)
         with open(os.path.join(outdir, 'config.json'), 'w') as f:
@@ -439,7 +441,6 @@ def resume_checkpoint(resume, outdir, kind, net_config, cfg, keys):
         if k in ck['config'] and ck['config'][k] != cfg[k]:
             die(f'--resume {path}: that run used {k}={ck["config"].get(k)!r}, this one {cfg[k]!r}; use its flags '
                 f'or a new --outdir')
-    print0(f'resuming {path} at {ck["kimg"]:g} kimg (step {ck["state"]["step"]})')
     return ck
 
 

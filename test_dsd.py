@@ -1842,6 +1842,8 @@ def test_every_script_answers_help_with_the_papers_names_and_dry_run(tmp_path, c
         assert json.loads(capsys.readouterr().out)['config']['sigma_init'] == want
     sample.main(['--net', toy_teacher, '--seeds', '0-9', '--dry-run'])
     assert 'truncated' in capsys.readouterr().out
+    pretrain.main([*_TOY, '--resume', toy_teacher, '--dry-run'])   # a resume that fits: the output is JSON only
+    assert json.loads(capsys.readouterr().out)['config']['data'] == 'toy'
     for main, flags, words in ((pretrain.main, ['--init', str(tmp_path / 'tiny.pt')], 'differs from this run'),
                                (pretrain.main, ['--resume', str(tmp_path / 'none.pt')], 'does not exist'),
                                (distill.main, ['--teacher', toy_teacher, '--resume', toy_teacher], 'not a generator')):
