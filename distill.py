@@ -35,8 +35,8 @@ from sample import one_step, sample_shape
 # are (0, 0.999) and init_sigma is 2.5 (sid_train.py); lengths are the paper's (100 Mimg CIFAR-10, 15 Mimg 64x64).
 # dropout: fake net's and G's; augment: the fake net's (None: the teacher's); fake_sigma: the fake net's Eq. (3) sigma,
 # clamped to sigma_n (authors') or above it; glr_end: last glr / glr, on a cosine (SiD: 1). tiny, toy: bench/RECIPES.md
-_SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, fbeta2=0.999, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05,
-            tick=50, snap=1000, fid_num=50000, fake_sigma='clamp', fake_steps=1, glr_end=1.0)
+_SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
+            fid_num=50000, fake_sigma='clamp', fake_steps=1, glr_end=1.0)
 RECIPES = {
     'cifar10': dict(_SID, batch=256, kimg=100000, dropout=0.13, augment=0.12, snap=2000),
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
@@ -130,7 +130,6 @@ def parse_args(argv=None):
     p.add_argument('--glr', type=float, help='generator Adam learning rate')
     p.add_argument('--glr-end', type=float, help='not in the paper: glr falls on a cosine to this fraction of itself')
     p.add_argument('--gbeta1', type=float, help='generator Adam beta1 (SiD: 0, FFHQ / CelebA-HQ 0.9)')
-    p.add_argument('--fbeta2', type=float, help='fake-net Adam beta2 (SiD: 0.999); 0.99 caps a step at 10x the usual')
     p.add_argument('--dropout', type=float, help="fake net's and G's dropout (default: recipe's, else teacher's)")
     p.add_argument('--augment', type=float, help='fake net\'s augmentation probability (default: the teacher\'s)')
     p.add_argument('--batch', type=int, help='total batch size')
@@ -160,9 +159,9 @@ def resolve(args):
     if args.method not in ('sid', 'dmd', 'sds'):
         die(f'--method {args.method}: unknown; choose sid (D-SiD), dmd (D-DMD) or sds (D-SDS)')
     check_ranges(args, dict(sigma='>= 0', alpha='>= 0', sigma_init='> 0', tmax='> 0', sigma_min='> 0', lr='> 0',
-                            glr='> 0', glr_end='in [0, 1]', gbeta1='in [0, 1)', fbeta2='in [0, 1)', dropout='in [0, 1)',
-                            batch='> 0', augment='in [0, 1]', batch_gpu='> 0', fake_steps='> 0', lsg='> 0', ema='> 0',
-                            kimg='> 0', ema_rampup='>= 0', tick='> 0', snap='> 0', fid_num='0 or >= 2', seed='>= 0'))
+                            glr='> 0', glr_end='in [0, 1]', gbeta1='in [0, 1)', dropout='in [0, 1)', batch='> 0',
+                            augment='in [0, 1]', batch_gpu='> 0', fake_steps='> 0', lsg='> 0', ema='> 0', kimg='> 0',
+                            ema_rampup='>= 0', tick='> 0', snap='> 0', fid_num='0 or >= 2', seed='>= 0'))
     path = args.teacher or find_teacher(args.data, args.sigma)
     teacher = load_checkpoint(path)
     if teacher.get('kind') != 'teacher':
@@ -216,7 +215,7 @@ def main(argv=None):
     teacher.eval().requires_grad_(False)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg['glr'], betas=(cfg['gbeta1'], 0.999), eps=1e-8)
-    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg['lr'], betas=(0.0, cfg['fbeta2']), eps=1e-8)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg['lr'], betas=(0.0, 0.999), eps=1e-8)
     train_state = dict(G=G, fake=fake, opt_g=opt_g, opt_f=opt_f)
     step, best = 0, math.inf
     if args.resume:

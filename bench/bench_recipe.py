@@ -255,8 +255,6 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'teacher-240-sigma-init-1.5': [({'--kimg': '240'}, {'--seed': s, '--sigma-init': '1.5'}) for s in '02'],   # G's grain
     'teacher-240-gen-sigma-min': [({'--kimg': '240'}, {'--seed': s, '--gen-sigma-min': ''}) for s in '02'],   # G's grain
     'teacher-240': [({'--kimg': '240'}, {})],   # retina: the 120-kimg teacher drops the border mode; 240 learns it
-    'fbeta2': [({}, {'--fbeta2': '0.99'})],   # the fake net's Adam beta2: a step at most 10x the usual, not 32x
-    'teacher-240-fbeta2': [({'--kimg': '240'}, {'--seed': s, '--fbeta2': '0.99'}) for s in '02'],
     'points-sigma-init-low': [(TOY_X0, dict(TOY_DIST, **{'--sigma-init': s})) for s in ('0.25', '0.125')],   # sharper G
 }
 

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distill  # noqa: E402
 
 # The settings a distillation's config records and distill.py takes back as flags (--fake-sigma: the ambient loss).
-KEYS = ('loss', 'method', 'lr', 'glr', 'gbeta1', 'fbeta2', 'alpha', 'sigma_init', 'ema', 'ema_rampup', 'kimg',
-        'glr_end', 'fake_steps', 'batch', 'dropout', 'augment', 'tmax', 'sigma_min', 'lsg', 'seed', 'precision', 'tick')
+KEYS = ('loss', 'method', 'lr', 'glr', 'gbeta1', 'alpha', 'sigma_init', 'ema', 'ema_rampup', 'kimg', 'glr_end',
+        'fake_steps', 'batch', 'dropout', 'augment', 'tmax', 'sigma_min', 'lsg', 'seed', 'precision', 'tick')
 
 
 class Done(Exception):
@@ -37,7 +37,7 @@ def run_args(cfg, outdir):
     the run's end."""
     args = ['--teacher', cfg['teacher_path'], '--data', cfg['data'], '--outdir', outdir, '--resume', '--fid-num', '0',
             '--snap', str(cfg['kimg'])]
-    args += [x for k in KEYS if k in cfg for x in (f'--{k.replace("_", "-")}', str(cfg[k]))]   # older runs lack some
+    args += [x for k in KEYS for x in (f'--{k.replace("_", "-")}', str(cfg[k]))]
     return args + (['--fake-sigma', cfg['fake_sigma']] if cfg['loss'] == 'ambient' else [])
 
 
