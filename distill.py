@@ -142,7 +142,7 @@ def parse_args(argv=None):
     p.add_argument('--snap', type=float, help='kimg between snapshots (grid, checkpoint, Proximal FID)')
     p.add_argument('--fid-num', type=int, help='samples for Proximal FID at each snapshot (0: none)')
     p.add_argument('--features', default='auto', choices=['auto', 'inception', 'pixel'],
-                   help='features for snapshot metrics; auto = pixel for points and <=16px images')
+                   help='features for snapshot metrics; auto = pixel for tiny, toy and <=16px images')
     p.add_argument('--ref', default=None, help='clean statistics (.npz) for FID at each snapshot')
     p.add_argument('--outdir', default=None, help='default runs/distill-<data>-sigma<sigma>')
     p.add_argument('--resume', nargs='?', const='latest', default=None)
@@ -182,7 +182,7 @@ def resolve(args):
     recipe = dict(RECIPES.get(preset, RECIPES['cifar10']))
     recipe.update({k: getattr(args, k) for k in recipe if getattr(args, k) is not None})   # flags over the recipe
     features = args.features if args.features != 'auto' else \
-        ('pixel' if net.get('arch') == 'mlp' or net['img_resolution'] <= 16 else 'inception')
+        ('pixel' if preset in ('tiny', 'toy') or net['img_resolution'] <= 16 else 'inception')   # the CPU presets
     data = teacher.get('data', args.data) if args.data == 'cifar10' and args.teacher else args.data
     name = os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
     if args.augment is None:                  # SiD: the fake net augments as the teacher did

@@ -65,9 +65,8 @@ def end_distributed(world):
         dist.destroy_process_group()
 
 # ------------------------------------------------------------------------------------------------
-# Layers. EDM's DDPM++ initialises every weight xavier-uniform, scaled by 1 (most layers), 1e-5 (the
-# last conv of each residual branch and the output conv, so every block starts near identity) or
-# sqrt(0.2) (attention qkv); all biases start at zero.
+# Layers. EDM's DDPM++ initialises every weight xavier-uniform, scaled by 1 (most layers), 1e-5 (the last conv of each
+# residual branch and the output conv: every block starts near identity) or sqrt(0.2) (attention qkv); biases at 0.
 
 def conv(cin, cout, kernel, gain=1.0):
     layer = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
@@ -369,13 +368,12 @@ def load_checkpoint(path, sigma_n=None, sigma_init=None, kind=None):
     return ckpt
 
 # ------------------------------------------------------------------------------------------------
-# EDM / SiD snapshots. EDM pickles each network module as a call to torch_utils.persistence's
-# reconstruct function with one dict: {type:'class', version, module_src: the source of the module that
-# defined the class, class_name, state: the module's __dict__ (_parameters, _buffers, _modules, attrs,
-# _init_kwargs)}. EDM's loader exec()s module_src -- arbitrary code. We unpickle with an allow-list:
-# that reconstruct call becomes _Stub(class_name, state) and module_src is never looked at; tensors come
-# from torch's own rebuild paths (storages via torch.load(weights_only=True)); anything else is refused.
-# EDM snapshot: dict(ema=EDMPrecond, loss_fn, augment_pipe, dataset_kwargs); SiD/DSD generator
+# EDM / SiD snapshots. EDM pickles each network module as a call to torch_utils.persistence's reconstruct function with
+# one dict: {type:'class', version, module_src: the source of the module that defined the class, class_name, state: the
+# module's __dict__ (_parameters, _buffers, _modules, attrs, _init_kwargs)}. EDM's loader exec()s module_src --
+# arbitrary code. We unpickle with an allow-list: that reconstruct call becomes _Stub(class_name, state) and module_src
+# is never looked at; tensors come from torch's own rebuild paths (storages via torch.load(weights_only=True)); anything
+# else is refused. EDM snapshot: dict(ema=EDMPrecond, loss_fn, augment_pipe, dataset_kwargs); SiD/DSD generator
 # snapshot: dict(ema=EDMPrecond), saved as network-snapshot-<alpha>-<kimg>.pkl.
 
 class _Refused(Exception):

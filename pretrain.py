@@ -570,7 +570,7 @@ def parse_args(argv=None):
 
 def default_preset(data, x, info):
     return 'toy' if info['kind'] == 'points' else {32: 'cifar10', 64: 'ffhq64', 16: 'tiny'}.get(x.shape[-1]) or \
-        die(f'--data {data}: {x.shape[-1]}x{x.shape[-1]} images have no default preset; pass --preset')
+        die(f'--data {data}: {x.shape[-1]}x{x.shape[-1]} images have no default preset; pass --preset tiny (CPU) or cifar10')
 
 
 def resolve(args):
@@ -596,6 +596,8 @@ def resolve(args):
         die(f'--preset {preset} is for {"points" if net_cfg.get("arch") == "mlp" else "images"} but --data '
             f'{args.data} holds {info["kind"]}; use --preset {"toy" if info["kind"] == "points" else "tiny"}')
     net_cfg.update(img_channels=y.shape[1], img_resolution=y.shape[-1] if y.ndim == 4 else 0)   # points: D, 0
+    if y.ndim == 4 and y.shape[-1] % (k := 2 ** (len(net_cfg['channel_mult']) - 1)):   # each U-Net level halves it
+        die(f'--data {args.data}: {y.shape[-1]}px images; --preset {preset} needs a multiple of {k} px (crop or resize)')
     net_cfg['dropout'] = net_cfg['dropout'] if args.dropout is None else args.dropout
     train.update({k: getattr(args, k) for k in ('kimg', 'batch', 'lr', 'warmup', 'augment', 'ema', 'ema_rampup', 'tick',
                                                  'snap') if getattr(args, k) is not None})

@@ -819,6 +819,22 @@ def test_pretrain_bad_input_ends_in_one_clear_line(tmp_path):
     _one_line_error(_run('pretrain.py', '--data', 'toy', '--sigma', '-1', cwd=tmp_path), '--sigma')
 
 
+def test_sizes_the_unet_cannot_halve_are_refused_and_the_tiny_preset_scores_pixels_at_any_size(tmp_path, capsys):
+    for size, flags, msg in [(9, ['--preset', 'tiny'], '9px images; --preset tiny needs a multiple of 2 px'),
+                             (18, ['--preset', 'cifar10'], '18px images; --preset cifar10 needs a multiple of 4 px'),
+                             (9, [], '9x9 images have no default preset; pass --preset tiny')]:
+        np.save(tmp_path / f'{size}.npy', np.zeros((4, size, size, 3), np.uint8))
+        with pytest.raises(SystemExit, match=msg):           # before, 9 px crashed in the U-Net's skip connections
+            pretrain.main(['--data', str(tmp_path / f'{size}.npy'), *flags, '--dry-run'])
+    np.save(tmp_path / 'gray.npy', np.zeros((4, 20, 20, 1), np.uint8))   # 20 px grey on the CPU preset
+    pretrain.main(['--data', str(tmp_path / 'gray.npy'), '--preset', 'tiny', '--kimg', '0.008', '--batch', '4',
+                   '--outdir', str(tmp_path / 't'), '--device', 'cpu'])
+    capsys.readouterr()
+    distill.main(['--teacher', str(tmp_path / 't' / 'latest.pt'), '--data', str(tmp_path / 'gray.npy'), '--dry-run'])
+    cfg = json.loads(capsys.readouterr().out)['config']
+    assert cfg['preset'] == 'tiny' and cfg['features'] == 'pixel'    # Proximal FD needs no Inception weights
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Phase II: distill.py (Algorithm 1)
 
