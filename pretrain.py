@@ -136,9 +136,12 @@ def load_images(path, flag='--data'):
     images = []
     for name in names:
         try:
-            images.append(np.asarray(Image.open(io.BytesIO(read(name))).convert('RGB')))
+            im = Image.open(io.BytesIO(read(name)))
+            images.append(np.asarray(im.convert('RGB')))
         except Exception as e:
             die(f'{flag} {path}: cannot read image {name} ({type(e).__name__})')
+        if im.mode[0] in 'IF':                       # 16-bit or float: convert('RGB') clips them to white
+            die(f'{flag} {path}: {name} is a {im.mode} (16-bit or float) image; save 8-bit ones or a float NCHW .npy')
         if images[-1].shape != images[0].shape:
             die(f'{flag} {path}: {name} is {images[-1].shape[1]}x{images[-1].shape[0]} but {names[0]} is '
                 f'{images[0].shape[1]}x{images[0].shape[0]}; all images must have one size')
@@ -568,11 +571,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_preset(data, x, info):
-    return 'toy' if info['kind'] == 'points' else {32: 'cifar10', 64: 'ffhq64', 16: 'tiny'}.get(x.shape[-1]) or \
-        die(f'--data {data}: {x.shape[-1]}x{x.shape[-1]} images have no default preset; pass --preset tiny (CPU) or cifar10')
-
-
 def resolve(args):
     """Preset + explicit flags -> the configuration that runs. Returns (cfg, net_config, noisy data, info)."""
     check_ranges(args, dict(kimg='> 0', batch='> 0', batch_gpu='> 0', lr='> 0', warmup='>= 0', dropout='in [0, 1)',
@@ -588,9 +586,10 @@ def resolve(args):
     y, info = noisy_dataset(args.data, sigma, args.seed, args.data_dir, args.already_noisy)
     estimate = estimate_sigma(y, args.seed) if sigma is None or args.estimate_sigma else None
     sigma = estimate['sigma'] if sigma is None else sigma
-    preset = args.preset or default_preset(args.data, y, info)
+    preset = args.preset or ('toy' if y.ndim == 2 else {16: 'tiny', 32: 'cifar10', 64: 'ffhq64'}.get(y.shape[-1]))
     if preset not in PRESETS:
-        die(f'--preset {preset}: unknown; choose from {", ".join(PRESETS)}')
+        die(f'--preset {preset}: unknown; choose from {", ".join(PRESETS)}' if preset else f'--data {args.data}: '
+            f'{y.shape[-1]}x{y.shape[-1]} images have no default preset; pass --preset tiny (CPU) or cifar10')
     net_cfg, train = copy.deepcopy(PRESETS[preset]['net']), dict(PRESETS[preset]['train'])
     if (info['kind'] == 'points') != (net_cfg.get('arch') == 'mlp'):
         die(f'--preset {preset} is for {"points" if net_cfg.get("arch") == "mlp" else "images"} but --data '

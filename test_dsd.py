@@ -153,6 +153,11 @@ def test_data_formats_and_bad_data(tmp_path):
     Image.fromarray(g.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / 'zz.png')
     with pytest.raises(SystemExit, match='zz.png is 16x16 .*all images must have one size'):
         pretrain.load_data(str(folder))
+    (tmp_path / 'deep').mkdir()                    # a 16-bit PNG would read as white: refused, not clipped
+    for name in ('a.png', 'b.png'):
+        Image.fromarray(g.integers(0, 65535, (8, 8)).astype(np.uint16)).save(tmp_path / 'deep' / name)
+    with pytest.raises(SystemExit, match=r'a.png is a I;16 \(16-bit or float\) image; save 8-bit ones'):
+        pretrain.load_data(str(tmp_path / 'deep'))
     (tmp_path / 'empty').mkdir()
     with pytest.raises(SystemExit, match='no image files'):
         pretrain.load_data(str(tmp_path / 'empty'))
