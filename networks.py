@@ -284,7 +284,7 @@ PRESETS = dict(
     celebahq64=dict(net=dict(_NET64, dropout=0.15), train=dict(_TRAIN64)),
     tiny=dict(net=dict(img_resolution=16, img_channels=3, model_channels=32, channel_mult=[1, 2], num_blocks=1,
                        attn_resolutions=[8], dropout=0.0, augment_dim=9, arch='songunet'),
-              train=dict(batch=64, lr=3e-4, kimg=120, warmup=2, ema=20, ema_rampup=0.05, augment=0.0)),
+              train=dict(batch=64, lr=3e-4, kimg=240, warmup=2, ema=20, ema_rampup=0.05, augment=0.0)),
     toy=dict(net=dict(img_resolution=0, img_channels=2, model_channels=128, channel_mult=[1], num_blocks=3,
                       attn_resolutions=[], dropout=0.0, augment_dim=0, arch='mlp'),
              train=dict(batch=512, lr=1e-3, kimg=3000, warmup=50, ema=50, ema_rampup=0.05, augment=0.0),
