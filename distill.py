@@ -36,7 +36,7 @@ from sample import one_step, sample_shape
 # dropout: fake net's and G's; augment: the fake net's (None: the teacher's); fake_sigma: the fake net's Eq. (3) sigma,
 # clamped to sigma_n (authors') or above it; glr_end: last glr / glr, on a cosine (SiD: 1). tiny, toy: bench/RECIPES.md
 _SID = dict(lr=1e-5, glr=1e-5, gbeta1=0.0, alpha=1.2, sigma_init=2.5, ema=500, ema_rampup=0.05, tick=50, snap=1000,
-            fid_num=50000, fake_sigma='clamp', fake_steps=1, glr_end=1.0)
+            fid_num=50000, fake_sigma='clamp', fake_steps=1, glr_end=1.0, tmax=800)
 RECIPES = {
     'cifar10': dict(_SID, batch=256, kimg=100000, dropout=0.13, augment=0.12, snap=2000),
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
@@ -44,8 +44,8 @@ RECIPES = {
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=88, ema_rampup=0.5, tick=1, snap=4,
                  fid_num=2000, dropout=None, augment=None, fake_sigma='above', fake_steps=2, glr_end=0.0),
-    'toy': dict(_SID, lr=5e-5, glr=5e-5, sigma_init=0.5, batch=256, kimg=2048, ema_rampup=0.25, tick=32, snap=128,
-                fid_num=10000, dropout=None, augment=None),
+    'toy': dict(_SID, lr=1e-4, glr=5e-5, alpha=1.0, sigma_init=0.5, tmax=450, batch=256, kimg=4224, ema_rampup=0.25,
+                tick=32, snap=128, fid_num=10000, dropout=None, augment=None, fake_steps=2),
 }
 
 
@@ -121,9 +121,9 @@ def parse_args(argv=None):
                    help="Eq. (3): ambient, ambient-x0 (reweighted); Eq. (1): standard. Default: the teacher's")
     p.add_argument('--force-loss', action='store_true', help='allow a --loss other than the teacher\'s')
     p.add_argument('--fake-sigma', choices=['clamp', 'above'], help='fake net\'s Eq. (3) sigma: clamped or above sigma_n')
-    p.add_argument('--fake-steps', type=int, help='fake-score steps per generator step (SiD: 1; tiny: 2)')
+    p.add_argument('--fake-steps', type=int, help='fake-score steps per generator step (SiD: 1; tiny, toy: 2)')
     p.add_argument('--sigma-init', type=float, help='G(z) = D(sigma_init * z; sigma_init) (default: the recipe\'s)')
-    p.add_argument('--tmax', type=float, default=800, help='SiD: generator noise levels t ~ U[0, tmax/1000]')
+    p.add_argument('--tmax', type=float, help='generator noise levels t ~ U[0, tmax/1000] (SiD: 800; toy: 450)')
     p.add_argument('--sigma-min', type=float, default=0.002, help='smallest generator noise level')
     p.add_argument('--gen-sigma-min', action='store_true', help='paper-literal: generator noise levels >= sigma_n')
     p.add_argument('--lr', type=float, help='fake-net Adam learning rate')
@@ -191,7 +191,7 @@ def resolve(args):
         die(f'--augment {args.augment}: the teacher has no augment labels (augment_dim 0); use --augment 0')
     recipe['dropout'] = net['dropout'] if recipe['dropout'] is None else recipe['dropout']
     cfg = dict(teacher_path=path, teacher_sha256=file_sha256(path)[:16], data=data, sigma_n=float(sigma_n),
-               data_scale=scale, data_shift=tcfg.get('data_shift', 0.0), loss=loss, method=args.method, tmax=args.tmax,
+               data_scale=scale, data_shift=tcfg.get('data_shift', 0.0), loss=loss, method=args.method,
                sigma_min=max(args.sigma_min, sigma_n) if args.gen_sigma_min else args.sigma_min, lsg=args.lsg,
                seed=args.seed, precision=args.precision, features=features, ref=args.ref, preset=preset, **recipe,
                outdir=args.outdir or os.path.join('runs', f'distill-{name}-sigma{sigma_n * scale:g}'))

@@ -960,18 +960,21 @@ def test_fake_score_step_draws_from_an_eval_mode_generator(tmp_path, toy_teacher
 
 def test_fake_steps_take_that_many_fake_score_steps_per_generator_step(tmp_path, toy_teacher, monkeypatch):
     """--fake-steps K: each iteration takes K fake-score steps, each on fresh draws, then one generator step (the
-    fake net's Adam counts K steps per generator step); K = 1, the recipes' default, is SiD's one-to-one."""
-    seen = []
-    real_fake, real_gen = distill.fake_score_step, distill.generator_step
+    fake net's Adam counts K steps per generator step); K = 1 is SiD's one-to-one, tiny's and toy's K = 2. The
+    generator's noise levels come from the recipe's tmax (toy: 450) unless --tmax is given."""
+    seen, tmax = [], []
+    real_fake, real_gen, real_sigmas = distill.fake_score_step, distill.generator_step, distill.sid_sigmas
     monkeypatch.setattr(distill, 'fake_score_step', lambda G, fake, z, *a: seen.append(('fake', z[0, 0].item())) or
                         real_fake(G, fake, z, *a))
     monkeypatch.setattr(distill, 'generator_step', lambda *a: seen.append(('gen',)) or real_gen(*a))
-    for k in (1, 3):
-        seen.clear()
+    monkeypatch.setattr(distill, 'sid_sigmas', lambda n, g, t, *a: tmax.append(t) or real_sigmas(n, g, t, *a))
+    for k, flags in ((1, ['--tmax', '800']), (2, []), (3, ['--fake-steps', '3'])):
+        seen.clear(), tmax.clear()
         out = tmp_path / f'k{k}'
         distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.064', '--fid-num', '0', '--outdir', str(out),
-                      *(['--fake-steps', str(k)] if k > 1 else [])])
+                      *(['--fake-steps', '1'] if k == 1 else []), *flags])
         assert [s[0] for s in seen] == (['fake'] * k + ['gen']) * 2
+        assert tmax == [800 if k == 1 else 450] * 2
         assert len({s[1] for s in seen if s[0] == 'fake'}) == 2 * k               # fresh z for every fake step
         ck = torch.load(out / 'latest.pt', weights_only=True)
         assert ck['config']['fake_steps'] == k and ck['state']['step'] == 2
@@ -1854,13 +1857,14 @@ def test_every_script_answers_help_with_the_papers_names_and_dry_run(tmp_path, c
     cfg = json.loads(capsys.readouterr().out)
     assert cfg['config']['sigma_n'] == 0.3 and cfg['config']['kimg'] == 7 and cfg['config']['preset'] == 'toy'
     assert cfg['config']['lr'] == networks.PRESETS['toy']['train']['lr']
-    distill.main(['--teacher', toy_teacher, '--data', 'toy', '--alpha', '1.0', '--dry-run'])
+    distill.main(['--teacher', toy_teacher, '--data', 'toy', '--alpha', '1.5', '--dry-run'])
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg['config']['alpha'] == 1.0 and cfg['config']['method'] == 'sid' and cfg['config']['sigma_n'] == 0.2
-    assert cfg['config']['sigma_init'] == 0.5                        # the toy recipe's; tiny's is 1.0, SiD's 2.5
-    for flags, want in (([], 1.0), (['--sigma-init', '2.5'], 2.5)):
+    assert cfg['config']['alpha'] == 1.5 and cfg['config']['method'] == 'sid' and cfg['config']['sigma_n'] == 0.2
+    assert (cfg['config']['sigma_init'], cfg['config']['tmax']) == (0.5, 450)   # the toy recipe's; SiD's 2.5, 800
+    for flags, want in (([], (1.0, 800)), (['--sigma-init', '2.5', '--tmax', '600'], (2.5, 600))):
         distill.main(['--teacher', _tiny_ckpt(tmp_path / 'tiny.pt'), '--data', 'shapes', *flags, '--dry-run'])
-        assert json.loads(capsys.readouterr().out)['config']['sigma_init'] == want
+        c = json.loads(capsys.readouterr().out)['config']
+        assert (c['sigma_init'], c['tmax']) == want
     sample.main(['--net', toy_teacher, '--seeds', '0-9', '--dry-run'])
     assert 'truncated' in capsys.readouterr().out
     pretrain.main([*_TOY, '--resume', toy_teacher, '--dry-run'])   # a resume that fits: the output is JSON only
@@ -2020,7 +2024,8 @@ def test_bench_recipe_grids_parse():
 def test_bench_replay_smoke(tmp_path, toy_teacher):
     """bench/bench_replay.py continues a toy distillation from its snapshot with every update logged: twice the same
     stretch gives the same updates (resuming is exact); with the fake net's --lr 100x lower its updates shrink."""
-    run = [*_DIST, '--teacher', toy_teacher, '--fid-num', '0', '--kimg', '0.064', '--outdir', str(tmp_path / 'r')]
+    run = [*_DIST, '--teacher', toy_teacher, '--fid-num', '0', '--kimg', '0.064', '--fake-steps', '1', '--outdir',
+           str(tmp_path / 'r')]
     distill.main(run)
     rep = lambda *extra: bench_replay.main([str(tmp_path / 'r' / 'latest.pt'), '--steps', '2', '--out',
                                             str(tmp_path / 'b'), '--', '--kimg', '0.128', *extra])

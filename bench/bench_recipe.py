@@ -179,10 +179,13 @@ FS2_88 = dict(EMA128, **{'--kimg': '88', '--fake-steps': '2'})   # K = 2 in EMA1
 COS88 = dict(FS2_88, **{'--glr-end': '0'})                    # today's tiny default: glr falls on a cosine to 0
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 SEED2 = ({'--loss': 'ambient', '--seed': '2'}, {'--seed': '2'})                 # and seed 2
-TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512'}   # toy distillation before the study
+TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512',   # toy distillation before the study
+       '--tmax': '800', '--alpha': '1.2', '--fake-steps': '1'}   # SiD's, toy's until 2026-12-07
 T1000, T3000 = ({'--kimg': k, '--loss': 'ambient'} for k in ('1000', '3000'))   # toy teachers before 'ambient-x0'
 TOY_LONG = dict(TOY, **{'--kimg': '2048', '--ema-rampup': '0.25', '--lr': '5e-5', '--glr': '5e-5'})
-TOY_X0, TOY_DIST = dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'})   # today's toy
+TOY_X0, TOY_DIST = dict(T3000, **{'--loss': 'ambient-x0'}), dict(TOY_LONG, **{'--sigma-init': '0.5'})   # toy until 12-07
+ALL4 = {'--tmax': '450', '--fake-steps': '2', '--kimg': '1408', '--alpha': '1.0', '--lr': '1e-4', '--glr': '1e-4'}
+ALL4_G = dict(ALL4, **{'--kimg': '4224', '--glr': '5e-5'})
 GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same after the defaults move ('' = a switch)
     'defaults': [({}, {})],
     'coarse': [({}, dict(OLD, **{'--ema-rampup': '0.05'})), ({}, dict(OLD, **{'--ema-rampup': '0.25'})),
@@ -225,7 +228,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'glr-cosine-seed-1': [(t, dict(COS88, **d)) for t, d in SEED01[1:]],   # COS88 at seed 1 (fake-steps-88's teachers)
     'glr-cosine-seed-2': [(SEED2[0], dict(COS88, **SEED2[1]))],   # seed-2's teacher
     'glr-end-quarter': [(t, dict(COS88, **{'--glr-end': '0.25'}, **d)) for t, d in SEED01],   # between FS2_88 and COS88
-    'points-x0': [(TOY_X0, TOY_DIST)],   # today's toy
+    'points-x0': [(TOY_X0, TOY_DIST)],   # the toy default until 2026-12-07
     'points-cosine': [(TOY_X0, TOY_DIST), (TOY_X0, dict(TOY_DIST, **{'--glr-end': '0'}))],   # tiny's cosine on points
     'points-modes': [(TOY_X0, dict(TOY_DIST, **d)) for d in ({'--sigma-init': '1.0'}, {'--kimg': '4096'})],   # gaussians
     'points-lr': [(TOY_X0, dict(TOY_DIST, **{'--lr': '1e-4', '--glr': '1e-4'}))],   # both nets 2x faster
@@ -259,6 +262,13 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'teacher-120': [({'--kimg': '120'}, {})],   # the teacher's budget before 2026-12-06
     'teacher-240-seeds-1-2': [({'--kimg': '240', '--seed': s}, {'--seed': s}) for s in '12'],   # two more teachers
     'points-sigma-init-low': [(TOY_X0, dict(TOY_DIST, **{'--sigma-init': s})) for s in ('0.25', '0.125')],   # sharper G
+    'points-combos': [(TOY_X0, dict(TOY_DIST, **{'--tmax': '450', **d})) for d in (   # checker's knobs, combined
+        {'--fake-steps': '2', '--kimg': '1408'}, {'--lr': '1e-4', '--glr': '1e-4'},
+        {'--fake-steps': '2', '--kimg': '1408', '--alpha': '1.0'}, ALL4)],
+    'points-all4-long': [(TOY_X0, dict(TOY_DIST, **{**ALL4, '--kimg': k})) for k in ('2816', '4224')],   # 2x, 3x
+    'points-all4': [(TOY_X0, dict(TOY_DIST, **{**ALL4, '--kimg': '4224'}))],   # checker's best, on every set
+    'points-all4-glr-5e-5': [(TOY_X0, dict(TOY_DIST, **ALL4_G))],   # glr at half the fake net's: today's toy
+    'points-all4-glr-5e-5-seed-1': [(dict(TOY_X0, **{'--seed': '1'}), dict(TOY_DIST, **ALL4_G, **{'--seed': '1'}))],
 }
 
 
