@@ -955,7 +955,7 @@ def test_fake_score_step_draws_from_an_eval_mode_generator(tmp_path, toy_teacher
         ('gen', G.training, fake.training)) or real_gen(G, teacher, fake, *a))
     distill.main([*_DIST, '--teacher', toy_teacher, '--dropout', '0.2', '--kimg', '0.064', '--fid-num', '0',
                   '--outdir', str(tmp_path / 'o')])
-    assert seen == [('fake', False, True), ('gen', True, False)] * 2
+    assert seen == ([('fake', False, True)] * distill.RECIPES['toy']['fake_steps'] + [('gen', True, False)]) * 2
 
 
 def test_fake_steps_take_that_many_fake_score_steps_per_generator_step(tmp_path, toy_teacher, monkeypatch):
@@ -991,7 +991,8 @@ def test_glr_end_lowers_the_generators_lr_on_a_cosine_and_leaves_the_fake_nets(t
     for end in (0.25, 1.0):
         seen.clear()
         distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.128', '--fid-num', '0', '--lr', '1e-4',
-                      '--glr', '2e-4', '--glr-end', str(end), '--outdir', str(tmp_path / f'e{end}')])
+                      '--glr', '2e-4', '--glr-end', str(end), '--fake-steps', '1',
+                      '--outdir', str(tmp_path / f'e{end}')])
         want = [2e-4 * (end + (1 - end) * (1 + math.cos(math.pi * s / 4)) / 2) for s in range(4)]
         assert seen[0::2] == [1e-4] * 4 and seen[1::2] == pytest.approx(want, rel=1e-9), seen
     assert want == [2e-4] * 4
@@ -1006,7 +1007,7 @@ def test_the_fake_net_trains_with_the_teachers_loss(tmp_path, toy_teacher, monke
     monkeypatch.setattr(distill, 'sample_sigma', lambda n, sn, loss, g, above=False: drawn.append((loss, above)) or
                         pretrain.sample_sigma(n, sn, loss, g, above))
     distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.064', '--fid-num', '0', '--outdir', str(tmp_path)])
-    assert drawn == [('ambient-x0', False)] * 2
+    assert drawn == [('ambient-x0', False)] * 2 * distill.RECIPES['toy']['fake_steps']   # 2 iterations
     tiny = _tiny_ckpt(tmp_path / 'tiny.pt')
     for flags, above in (([], True), (['--fake-sigma', 'clamp'], False)):
         drawn.clear()
