@@ -968,11 +968,12 @@ def test_fake_steps_take_that_many_fake_score_steps_per_generator_step(tmp_path,
                         real_fake(G, fake, z, *a))
     monkeypatch.setattr(distill, 'generator_step', lambda *a: seen.append(('gen',)) or real_gen(*a))
     monkeypatch.setattr(distill, 'sid_sigmas', lambda n, g, t, *a: tmax.append(t) or real_sigmas(n, g, t, *a))
-    for k, flags in ((1, ['--tmax', '800']), (2, []), (3, ['--fake-steps', '3'])):
-        seen.clear(), tmax.clear()
+    for k, flags in ((1, ['--fake-steps', '1', '--tmax', '800']), (2, []), (3, ['--fake-steps', '3'])):
+        seen.clear()
+        tmax.clear()
         out = tmp_path / f'k{k}'
         distill.main([*_DIST, '--teacher', toy_teacher, '--kimg', '0.064', '--fid-num', '0', '--outdir', str(out),
-                      *(['--fake-steps', '1'] if k == 1 else []), *flags])
+                      *flags])
         assert [s[0] for s in seen] == (['fake'] * k + ['gen']) * 2
         assert tmax == [800 if k == 1 else 450] * 2
         assert len({s[1] for s in seen if s[0] == 'fake'}) == 2 * k               # fresh z for every fake step
