@@ -5,7 +5,7 @@ On one set that bench_recipe.py makes, this trains the teacher and distills it a
 --num samples on --draws disjoint sets of seeds and once at 5x --num, against the FD of its samples to the fresh
 clean set (what bench_recipe.py's tables report). It prints one row per snapshot and what each score would pick.
 
-    python bench/bench_snapshots.py --set curves --seed 1      # about 12 min on one core (estimated; 7 until 12-07)
+    python bench/bench_snapshots.py --set curves --seed 1      # 12 min on one core beside another run (7 until 12-07)
     python bench/bench_snapshots.py --set smooth               # images, the tiny recipes: 80 minutes on one core
                                                                # of a slow day (2.5x Benchmarks' times)
 
