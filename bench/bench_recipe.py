@@ -268,8 +268,8 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'points-all4-long': [(TOY_X0, dict(TOY_DIST, **{**ALL4, '--kimg': k})) for k in ('2816', '4224')],   # 2x, 3x
     'points-all4': [(TOY_X0, dict(TOY_DIST, **{**ALL4, '--kimg': '4224'}))],   # checker's best, on every set
     'points-all4-glr-5e-5': [(TOY_X0, dict(TOY_DIST, **ALL4_G))],   # glr at half the fake net's: today's toy
-    'points-all4-glr-5e-5-seed-1': [(dict(TOY_X0, **{'--seed': '1'}), dict(TOY_DIST, **ALL4_G, **{'--seed': '1'}))],
-    'points-all4-glr-5e-5-seed-2': [(dict(TOY_X0, **{'--seed': '2'}), dict(TOY_DIST, **ALL4_G, **{'--seed': '2'}))],
+    **{f'points-all4-glr-5e-5-seed-{s}': [(dict(TOY_X0, **{'--seed': s}), dict(TOY_DIST, **ALL4_G, **{'--seed': s}))]
+       for s in '12'},   # today's toy, teacher and distillation at seeds 1 and 2
     'points-all4-cosine': [(TOY_X0, dict(TOY_DIST, **ALL4_G, **{'--glr-end': '0'}))],   # today's toy, tiny's cosine
     'points-all4-cosine-seed-1': [(dict(TOY_X0, **{'--seed': '1'}),
                                    dict(TOY_DIST, **ALL4_G, **{'--glr-end': '0', '--seed': '1'}))],
