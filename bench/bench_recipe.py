@@ -259,6 +259,7 @@ GRIDS = {   # (teacher flags, distill flags); explicit, so a row means the same 
     'teacher-240-gen-sigma-min': [({'--kimg': '240'}, {'--seed': s, '--gen-sigma-min': ''}) for s in '02'],   # G's grain
     'teacher-240-gbeta1-0.9': [({'--kimg': '240'}, {'--seed': s, '--gbeta1': '0.9'}) for s in '02'],   # Adam's walk
     'teacher-240': [({'--kimg': '240'}, {})],   # the default since 2026-12-06: 120 missed modes
+    'teacher-240-kimg-64': [({'--kimg': '240'}, {'--kimg': '64'})],   # the 30-minute target: a shorter distillation
     'teacher-120': [({'--kimg': '120'}, {})],   # the teacher's budget before 2026-12-06
     'teacher-240-seeds-1-2': [({'--kimg': '240', '--seed': s}, {'--seed': s}) for s in '12'],   # two more teachers
     'points-sigma-init-low': [(TOY_X0, dict(TOY_DIST, **{'--sigma-init': s})) for s in ('0.25', '0.125')],   # sharper G
