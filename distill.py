@@ -42,7 +42,7 @@ RECIPES = {
     'ffhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
     'afhq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, lr=5e-6, glr=5e-6, alpha=1.0),
     'celebahq64': dict(_SID, batch=512, kimg=15000, dropout=0.05, augment=0.15, gbeta1=0.9),
-    'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=88, ema_rampup=0.5, tick=1, snap=4,
+    'tiny': dict(_SID, lr=3e-4, glr=5e-5, sigma_init=1.0, batch=32, kimg=64, ema_rampup=0.5, tick=1, snap=4,
                  fid_num=2000, dropout=None, augment=None, fake_sigma='above', fake_steps=2, glr_end=0.0),
     'toy': dict(_SID, lr=1e-4, glr=5e-5, alpha=1.0, sigma_init=0.5, tmax=450, batch=256, kimg=4224, ema_rampup=0.25,
                 tick=32, snap=128, fid_num=10000, dropout=None, augment=None, fake_steps=2),
