@@ -176,8 +176,7 @@ TINY128 = dict(TINY, **{'--kimg': '128'})                              # the def
 FS128 = dict(TINY128, **{'--fake-sigma': 'above'})                   # the tiny default until --grid ema-rampup
 EMA128 = dict(FS128, **{'--ema-rampup': '0.5'})                     # the tiny default until --grid fake-steps-88
 FS2_88 = dict(EMA128, **{'--kimg': '88', '--fake-steps': '2'})   # K = 2 in EMA128's time, the default until COS88
-COS88 = dict(FS2_88, **{'--glr-end': '0'})                    # glr falls on a cosine to 0: tiny's until COS64
-COS64 = dict(COS88, **{'--kimg': '64'})                       # today's tiny default (2026-12-08): a shorter cosine
+COS88 = dict(FS2_88, **{'--glr-end': '0'})   # glr falls on a cosine to 0; today's tiny default is COS88 with --kimg 64
 SEED01 = (({}, {}), ({'--loss': 'ambient', '--seed': '1'}, {'--seed': '1'}))   # teacher and distillation, seeds 0, 1
 SEED2 = ({'--loss': 'ambient', '--seed': '2'}, {'--seed': '2'})                 # and seed 2
 TOY = {'--lr': '1e-4', '--glr': '1e-4', '--ema-rampup': '0.05', '--kimg': '512',   # toy distillation before the study
